@@ -1,0 +1,1 @@
+from sw_onnx._version import __version__

@@ -1,0 +1,343 @@
+"""Data-free detection of super activations and super weights, one onnxruntime pass per iteration.
+
+Each iteration runs the instrumented graph once on a short prompt and reads, for every linear layer, the
+per-channel max |input| and |output| and the input/output rows at its peak token, and for the residual
+stream the per-channel max. Then:
+
+1. Output spike: a channel whose max |output| is at least `spike_ratio` times both the layer's median
+   channel max and the model's median of those medians. Relative rules only: magnitudes differ by model.
+2. Located by contribution: at the spike's token t, `c_k = x[t, k] * W[k, j]`; the super weights are the
+   largest same-sign contributions whose share of y[t, j] is at least `min_share` each (a group can share a
+   row, as in Llama-13B), taken until they explain most of the spike.
+3. Persistent vs one-off: a spike is a super activation when its layer writes it into the residual stream,
+   the stream did not already carry it (this layer is its origin), and it is still carried (>= half its
+   value) by at least `min_persist_fraction` of the residual values downstream. Spikes in q/k projections,
+   the lm_head or late layers that cancel an existing activation are reported as one-off spikes.
+4. The found super weights are zeroed in memory and the pass is repeated until no new super weight is found
+   or `max_iterations`; the next pass measures the effect of zeroing on the super activation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from sw_onnx.discover import LinearLayer, find_linear_layers, find_residual_chain
+from sw_onnx.errors import UnsupportedGraphError
+from sw_onnx.inputs import build_feeds
+from sw_onnx.io import create_session
+from sw_onnx.passes.instrument import InstrumentLinearStatsPass, stat_output_name
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectConfig:
+    """Detection settings; the defaults are the documented ones.
+
+    Attributes:
+        max_iterations: passes at most (each zeroes what the previous one found).
+        spike_ratio: an output channel spikes when its max |y| is this many times the layer's and the
+            model's typical (median) channel max.
+        min_share: smallest share of the spike a single weight's contribution must explain.
+        min_persist_fraction: fraction of the downstream residual values that must still carry half the
+            spike for it to count as persistent.
+    """
+
+    max_iterations: int = 4
+    spike_ratio: float = 50.0
+    min_share: float = 0.15
+    min_persist_fraction: float = 0.5
+    providers: list[str] | None = None
+
+
+@dataclass
+class Spike:
+    """An output spike of a linear layer: |y[token, channel]| far above the model's typical activations."""
+
+    position: int
+    node: str
+    layer: int | None
+    channel: int
+    token: int
+    value: float  # signed y[token, channel]
+    ratio_to_layer: float
+    ratio_to_model: float
+    iteration: int
+    kind: str = "one-off"  # "super_activation" or "one-off"
+    reason: str = ""
+    residual_before: float | None = None
+    carried_fraction: float = 0.0
+    explained_share: float = 0.0
+
+
+@dataclass
+class SuperWeight:
+    """A weight whose contribution makes a super activation.
+
+    `row`/`col` are in torch orientation ([out, in]): row = output (hidden) channel, col = input channel.
+    `index` is the position in the initializer's own layout (ONNX MatMul `[in, out]`: (col, row)).
+    """
+
+    node: str
+    initializer: str
+    layer: int | None
+    position: int
+    row: int
+    col: int
+    index: list[int]
+    layout: str
+    value: float
+    contribution: float
+    share: float
+    input_spike: dict
+    output_spike: dict
+    iteration: int
+    effect: dict = field(default_factory=dict)
+
+
+@dataclass
+class DetectResult:
+    super_weights: list[SuperWeight]
+    super_activations: list[Spike]
+    one_off_spikes: list[Spike]
+    iterations: int
+    token_ids: list[int]
+    linear_layers: int
+    seconds: float
+    history: list[dict]  # per iteration: per-layer peaks (for the plot)
+
+    def to_dict(self) -> dict:
+        return {
+            "super_weights": [asdict(s) for s in self.super_weights],
+            "super_activations": [asdict(s) for s in self.super_activations],
+            "one_off_spikes": [asdict(s) for s in self.one_off_spikes],
+            "iterations": self.iterations,
+        }
+
+
+@dataclass
+class _Pass:
+    """What one instrumented run returned, as numpy arrays keyed by layer position / residual index."""
+
+    in_max: dict[int, np.ndarray]
+    in_argmax: dict[int, np.ndarray]
+    out_max: dict[int, np.ndarray]
+    out_argmax: dict[int, np.ndarray]
+    peak_token: dict[int, int]
+    in_row: dict[int, np.ndarray]
+    out_row: dict[int, np.ndarray]
+    resid_max: dict[int, np.ndarray]
+
+
+class Detector:
+    """Instruments a model once and runs detection passes on it.
+
+    Args:
+        model: the loaded model; it is instrumented in place (load a fresh one if you need it unchanged).
+    """
+
+    def __init__(self, model: ir.Model, config: DetectConfig | None = None):
+        self.config = config or DetectConfig()
+        self.layers, self.skipped = find_linear_layers(model)
+        if not self.layers:
+            raise UnsupportedGraphError(
+                "no linear layer found (no MatMul/Gemm with a constant 2-D weight)",
+                hint="sw-onnx works on transformer graphs whose linear weights are initializers",
+            )
+        self.residual_values: list[ir.Value] = []
+        self.chains: dict[int, tuple[int | None, list[int]]] = {}
+        index_of: dict[int, int] = {}
+        for layer in self.layers:
+            before, chain = find_residual_chain(layer)
+            ids = []
+            for value in ([before] if before is not None else []) + chain:
+                if id(value) not in index_of:
+                    index_of[id(value)] = len(self.residual_values)
+                    self.residual_values.append(value)
+                ids.append(index_of[id(value)])
+            if chain:
+                self.chains[layer.position] = (ids[0] if before is not None else None, ids[1:] if before is not None else ids)
+        self.weights = {layer.position: layer.weight.effective_weight for layer in self.layers}
+        InstrumentLinearStatsPass(self.layers, self.residual_values)(model)
+        self.model = model
+        self.output_names = [v.name for v in model.graph.outputs if v.name.startswith("sw_onnx/")]
+
+    def run_pass(self, token_ids: np.ndarray, overrides: dict[str, np.ndarray]) -> _Pass:
+        session = create_session(self.model, overrides=overrides, providers=self.config.providers)
+        feeds = build_feeds(session, token_ids)
+        values = dict(zip(self.output_names, session.run(self.output_names, feeds)))
+        del session
+
+        def per(kind, keys):
+            return {k: values[stat_output_name(kind, k)] for k in keys}
+
+        positions = [layer.position for layer in self.layers]
+        return _Pass(
+            in_max=per("in_max", positions),
+            in_argmax=per("in_argmax", positions),
+            out_max=per("out_max", positions),
+            out_argmax=per("out_argmax", positions),
+            peak_token={p: int(v[0]) for p, v in per("peak_token", positions).items()},
+            in_row={p: v[0] for p, v in per("in_peak_row", positions).items()},
+            out_row={p: v[0] for p, v in per("out_peak_row", positions).items()},
+            resid_max=per("resid_max", range(len(self.residual_values))),
+        )
+
+    def find_spikes(self, stats: _Pass, iteration: int) -> list[Spike]:
+        """Output channels far above the layer's and the model's typical channel max."""
+        medians = {p: float(np.median(v)) for p, v in stats.out_max.items()}
+        model_median = float(np.median(list(medians.values())))
+        tiny = np.finfo(np.float32).tiny
+        spikes = []
+        for layer in self.layers:
+            p = layer.position
+            out_max = stats.out_max[p]
+            threshold = self.config.spike_ratio * max(medians[p], model_median, tiny)
+            for j in np.flatnonzero(out_max >= threshold)[:16]:
+                token = int(stats.out_argmax[p][j])
+                value = float(stats.out_row[p][j]) if token == stats.peak_token[p] else float(out_max[j])
+                spikes.append(Spike(
+                    position=p, node=layer.name, layer=layer.layer, channel=int(j), token=token, value=value,
+                    ratio_to_layer=float(out_max[j] / max(medians[p], tiny)),
+                    ratio_to_model=float(out_max[j] / max(model_median, tiny)), iteration=iteration,
+                ))
+        return spikes
+
+    def classify(self, spike: Spike, stats: _Pass) -> None:
+        """Set `kind`/`reason`: a super activation originates here and persists in the residual stream."""
+        chain = self.chains.get(spike.position)
+        if chain is None:
+            spike.reason = "output does not enter a residual stream"
+            return
+        before, after = chain
+        magnitude = abs(spike.value)
+        if before is not None:
+            spike.residual_before = float(stats.resid_max[before][spike.channel])
+        if not after:
+            spike.reason = "no residual values downstream"
+            return
+        carried = [stats.resid_max[r][spike.channel] >= 0.5 * magnitude for r in after]
+        spike.carried_fraction = float(np.mean(carried))
+        if spike.residual_before is not None and spike.residual_before >= 0.5 * magnitude:
+            spike.reason = "the residual stream already carried this channel (not its origin)"
+        elif spike.carried_fraction < self.config.min_persist_fraction:
+            spike.reason = f"carried by only {spike.carried_fraction:.0%} of the residual stream downstream"
+        else:
+            spike.kind = "super_activation"
+            spike.reason = f"created here, carried by {spike.carried_fraction:.0%} of the residual stream downstream"
+
+    def locate(self, spike: Spike, stats: _Pass, iteration: int, zeroed: set[tuple[int, int, int]]) -> list[SuperWeight]:
+        """The weights whose contributions make the spike (needs the spike at the layer's peak token)."""
+        p = spike.position
+        if spike.token != stats.peak_token[p]:
+            return []  # rows are exposed for the peak token only; a secondary spike waits for the next pass
+        layer = self.layers[p]
+        x = stats.in_row[p].astype(np.float64)
+        w_col = self.weights[p]()[:, spike.channel].astype(np.float64)
+        contributions = x * w_col
+        y = spike.value
+        shares = contributions / y if y != 0 else np.zeros_like(contributions)
+        order = np.argsort(-shares)
+        found, explained = [], 0.0
+        input_median = float(np.median(stats.in_max[p])) or np.finfo(np.float32).tiny
+        for k in order[:8]:
+            if shares[k] < self.config.min_share or explained >= 0.9:
+                break
+            if (p, int(k), spike.channel) in zeroed:
+                continue
+            explained += float(shares[k])
+            index = layer.weight.effective_to_initializer_index(np.array([k]), np.array([spike.channel]))
+            found.append(SuperWeight(
+                node=layer.name, initializer=layer.weight.initializer.name, layer=layer.layer, position=p,
+                row=spike.channel, col=int(k), index=[int(i[0]) for i in index], layout=layer.weight.layout,
+                value=float(w_col[k]), contribution=float(contributions[k]), share=float(shares[k]),
+                input_spike={"channel": int(k), "token": spike.token, "value": float(x[k]),
+                             "ratio": float(abs(x[k]) / input_median)},
+                output_spike={"channel": spike.channel, "token": spike.token, "value": y},
+                iteration=iteration,
+            ))
+        spike.explained_share = explained
+        return found
+
+
+def detect(
+    model: ir.Model,
+    token_ids: np.ndarray,
+    config: DetectConfig | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> DetectResult:
+    """Find super activations and super weights of `model` on the prompt `token_ids`.
+
+    Args:
+        model: a loaded model; it is instrumented in place.
+        token_ids: int64 `[seq]`, BOS first when the model uses one.
+        progress: called with a short message at each step.
+    """
+    started = time.perf_counter()
+    say = progress or (lambda message: None)
+    detector = Detector(model, config)
+    config = detector.config
+    say(f"instrumented {len(detector.layers)} linear layers")
+    overrides: dict[str, np.ndarray] = {}
+    zeroed: set[tuple[int, int, int]] = set()
+    super_weights: list[SuperWeight] = []
+    activations: list[Spike] = []
+    one_off: dict[tuple[int, int], Spike] = {}
+    history = []
+    pending: list[tuple[Spike, list[SuperWeight]]] = []
+    iteration = 0
+    while True:
+        say(f"pass {iteration + 1}: running onnxruntime")
+        stats = detector.run_pass(token_ids, overrides)
+        history.append({"in_peak": {p: float(v.max()) for p, v in stats.in_max.items()},
+                        "out_peak": {p: float(v.max()) for p, v in stats.out_max.items()}})
+        for spike, group in pending:  # effect of the previous pass's zeroing
+            after = float(stats.out_max[spike.position][spike.channel])
+            effect = {"spike_before": abs(spike.value), "spike_after": after,
+                      "reduction": abs(spike.value) / max(after, np.finfo(np.float32).tiny)}
+            for sw in group:
+                sw.effect = effect
+        pending = []
+        if iteration >= config.max_iterations:
+            break
+        new_weights = []
+        for spike in detector.find_spikes(stats, iteration):
+            detector.classify(spike, stats)
+            if spike.kind != "super_activation":
+                one_off.setdefault((spike.position, spike.channel), spike)
+                continue
+            group = detector.locate(spike, stats, iteration, zeroed)
+            if not any((a.position, a.channel) == (spike.position, spike.channel) for a in activations):
+                activations.append(spike)
+            if group:
+                pending.append((spike, group))
+                new_weights.extend(group)
+        if not new_weights:
+            break
+        for sw in new_weights:
+            layer = detector.layers[sw.position]
+            name = layer.weight.initializer.name
+            if name not in overrides:
+                overrides[name] = np.array(layer.weight.initializer.const_value.numpy(), copy=True)
+            overrides[name][tuple(sw.index)] = 0
+            zeroed.add((sw.position, sw.col, sw.row))
+        super_weights.extend(new_weights)
+        say(f"pass {iteration + 1}: {len(new_weights)} super weight(s) found, zeroing them and repeating")
+        iteration += 1
+    return DetectResult(
+        super_weights=super_weights,
+        super_activations=activations,
+        one_off_spikes=sorted(one_off.values(), key=lambda s: (s.position, s.channel)),
+        iterations=len(history),
+        token_ids=[int(t) for t in np.asarray(token_ids).ravel()],
+        linear_layers=len(detector.layers),
+        seconds=time.perf_counter() - started,
+        history=history,
+    )

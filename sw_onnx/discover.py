@@ -1,0 +1,224 @@
+"""Find the linear layers of a graph by structure: MatMul/Gemm whose weight is a constant 2-D initializer.
+
+Names never decide what is a linear layer; they only label it (a layer index parsed from the node or
+weight name, e.g. `/model/layers.3/mlp/down_proj/MatMul` or `blk.3.ffn_down`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+# Ops allowed between a weight initializer and the MatMul/Gemm that reads it.
+_PASS_THROUGH_OPS = {"Identity", "Cast", "Transpose", "Reshape"}
+_LAYER_INDEX_PATTERNS = (
+    re.compile(r"(?:^|[/._])(?:layers?|blocks?|blk|h|block_|decoder\.layers)[._/]?(\d+)(?:[/._]|$)"),
+    re.compile(r"layer_?(\d+)"),
+)
+
+
+@dataclass
+class WeightChain:
+    """How the effective weight `[K, N]` seen by the linear op is made from an initializer.
+
+    Attributes:
+        initializer: the initializer value.
+        steps: the pass-through ops applied to it, in order (op_type, shape after the op, perm or None).
+        transposed: the effective `[K, N]` is the transpose of the chain's output (Gemm transB=1).
+    """
+
+    initializer: ir.Value
+    steps: list[tuple[str, tuple[int, ...], tuple[int, ...] | None]] = field(default_factory=list)
+    transposed: bool = False
+
+    def effective_to_initializer_index(self, k: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Map effective `[K, N]` coordinates to indices in the initializer's own layout."""
+        idx = (n, k) if self.transposed else (k, n)
+        shapes = [tuple(self.initializer.shape.numpy())] + [s for _, s, _ in self.steps]
+        for (op, shape, perm), before in zip(reversed(self.steps), reversed(shapes[:-1])):
+            if op == "Transpose":
+                inverse = np.argsort(perm)
+                idx = tuple(idx[i] for i in inverse)
+            elif op == "Reshape":
+                idx = np.unravel_index(np.ravel_multi_index(idx, shape), before)
+        return tuple(np.asarray(i) for i in idx)
+
+    def effective_weight(self) -> np.ndarray:
+        """The float32 `[K, N]` weight the linear op computes with (reads the initializer)."""
+        w = self.initializer.const_value.numpy()
+        for op, shape, perm in self.steps:
+            if op == "Transpose":
+                w = np.transpose(w, perm)
+            elif op == "Reshape":
+                w = w.reshape(shape)
+        w = np.asarray(w, dtype=np.float32)
+        return w.T if self.transposed else w
+
+    @property
+    def layout(self) -> str:
+        """`KN` when the initializer is stored `[in, out]` (ONNX MatMul), `NK` when `[out, in]` (torch)."""
+        if len(self.initializer.shape) != 2:
+            return "other"
+        k, n = self.effective_to_initializer_index(np.array([1]), np.array([0]))
+        return "KN" if (int(k[0]), int(n[0])) == (1, 0) else "NK"
+
+
+@dataclass
+class LinearLayer:
+    """One linear layer `y = x @ W (+ b)` with `W` effective `[K, N]`.
+
+    Attributes:
+        position: index in topological order among the graph's linear layers.
+        layer: decoder layer index parsed from names, or None.
+    """
+
+    node: ir.Node
+    weight: WeightChain
+    k: int
+    n: int
+    position: int
+    layer: int | None
+
+    @property
+    def name(self) -> str:
+        return self.node.name or f"{self.node.op_type}_{self.position}"
+
+    @property
+    def input(self) -> ir.Value:
+        return self.node.inputs[0]
+
+    @property
+    def output(self) -> ir.Value:
+        return self.node.outputs[0]
+
+
+@dataclass
+class SkippedNode:
+    node: str
+    op_type: str
+    reason: str
+
+
+def _trace_weight(value: ir.Value | None) -> WeightChain | str:
+    """Walk back from a linear op's weight input to an initializer through pass-through ops."""
+    steps = []
+    while value is not None and value.const_value is None:
+        producer = value.producer()
+        if producer is None:
+            return "weight is a graph input, not a constant"
+        if producer.op_type not in _PASS_THROUGH_OPS or producer.domain not in ("", "ai.onnx"):
+            return f"weight comes from {producer.op_type}, not a constant"
+        if value.shape is None or not value.shape.is_static():
+            shape = None
+        else:
+            shape = tuple(value.shape.numpy())
+        perm = None
+        if producer.op_type == "Transpose":
+            attr = producer.attributes.get("perm")
+            perm = tuple(attr.as_ints()) if attr is not None else None
+        steps.append((producer.op_type, shape, perm))
+        value = producer.inputs[0]
+    if value is None or not value.is_initializer():
+        return "weight is not an initializer"
+    shape = tuple(value.const_value.shape.numpy())
+    # Fill in shapes that shape inference did not give, forward from the initializer.
+    resolved = []
+    current = shape
+    for op, known, perm in reversed(steps):
+        if op == "Transpose":
+            perm = perm if perm is not None else tuple(reversed(range(len(current))))
+            current = tuple(current[i] for i in perm)
+        elif op == "Reshape":
+            if known is None:
+                return "weight is reshaped to an unknown shape"
+            current = known
+        resolved.append((op, current, perm))
+    return WeightChain(initializer=value, steps=resolved)
+
+
+def _parse_layer_index(*names: str) -> int | None:
+    for name in names:
+        for pattern in _LAYER_INDEX_PATTERNS:
+            m = pattern.search(name or "")
+            if m:
+                return int(m.group(1))
+    return None
+
+
+def find_linear_layers(model: ir.Model) -> tuple[list[LinearLayer], list[SkippedNode]]:
+    """All MatMul/Gemm nodes of the main graph that multiply activations by a constant 2-D weight.
+
+    Returns:
+        (layers in topological order, MatMul/Gemm nodes that are not linear layers with the reason).
+    """
+    layers: list[LinearLayer] = []
+    skipped: list[SkippedNode] = []
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        transposed = False
+        if node.op_type == "Gemm":
+            trans_a = node.attributes.get("transA")
+            if trans_a is not None and trans_a.as_int() != 0:
+                skipped.append(SkippedNode(node.name, node.op_type, "Gemm with transA=1"))
+                continue
+            trans_b = node.attributes.get("transB")
+            transposed = trans_b is not None and trans_b.as_int() != 0
+        chain = _trace_weight(node.inputs[1])
+        if isinstance(chain, str):
+            skipped.append(SkippedNode(node.name, node.op_type, chain))
+            continue
+        final_shape = chain.steps[-1][1] if chain.steps else tuple(chain.initializer.const_value.shape.numpy())
+        if len(final_shape) != 2:
+            skipped.append(SkippedNode(node.name, node.op_type, f"weight has rank {len(final_shape)}, not 2"))
+            continue
+        chain.transposed = transposed
+        k, n = (final_shape[1], final_shape[0]) if transposed else final_shape
+        layer = _parse_layer_index(node.name, chain.initializer.name)
+        layers.append(LinearLayer(node, chain, int(k), int(n), len(layers), layer))
+    return layers, skipped
+
+
+def _uses(value: ir.Value) -> list[ir.Node]:
+    return [use.node for use in value.uses()]
+
+
+def _is_residual_add(node: ir.Node) -> bool:
+    return node.op_type == "Add" and all(i is not None and i.const_value is None for i in node.inputs)
+
+
+def find_residual_chain(layer: LinearLayer) -> tuple[ir.Value | None, list[ir.Value]]:
+    """The residual stream around a linear layer's output, found by structure.
+
+    Follows the output through a bias Add, Reshape or Cast to the first Add of two activations (the
+    residual add), then from Add to Add: each residual value is consumed by the next residual Add.
+
+    Returns:
+        (the stream's value before this layer's contribution, the stream's values after it, in order);
+        (None, []) when the output does not enter a residual stream.
+    """
+    value = layer.output
+    first_add = None
+    for _ in range(4):  # a few pass-through steps at most
+        nodes = _uses(value)
+        adds = [n for n in nodes if _is_residual_add(n)]
+        if adds:
+            first_add = adds[0]
+            break
+        follow = [n for n in nodes if n.op_type in ("Reshape", "Cast", "Identity") or (n.op_type == "Add" and not _is_residual_add(n))]
+        if len(nodes) != 1 or not follow:
+            return None, []
+        value = follow[0].outputs[0]
+    if first_add is None:
+        return None, []
+    before = first_add.inputs[1] if first_add.inputs[0] is value else first_add.inputs[0]
+    chain = [first_add.outputs[0]]
+    while True:
+        nxt = [n for n in _uses(chain[-1]) if _is_residual_add(n)]
+        if not nxt:
+            break
+        chain.append(nxt[0].outputs[0])
+    return before, chain
