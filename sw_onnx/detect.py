@@ -31,6 +31,7 @@ from sw_onnx.discover import LinearLayer, find_linear_layers, find_residual_chai
 from sw_onnx.errors import UnsupportedGraphError
 from sw_onnx.inputs import build_feeds
 from sw_onnx.io import create_session
+from sw_onnx.passes.ablate import scaled_initializers
 from sw_onnx.passes.instrument import InstrumentLinearStatsPass, stat_output_name
 
 logger = logging.getLogger(__name__)
@@ -47,12 +48,15 @@ class DetectConfig:
         min_share: smallest share of the spike a single weight's contribution must explain.
         min_persist_fraction: fraction of the downstream residual values that must still carry half the
             spike for it to count as persistent.
+        min_persist_span: the downstream residual values must also be at least this fraction of the
+            longest residual stream (a spike in the last layers cannot show that it persists).
     """
 
     max_iterations: int = 4
     spike_ratio: float = 50.0
     min_share: float = 0.15
     min_persist_fraction: float = 0.5
+    min_persist_span: float = 0.1
     providers: list[str] | None = None
 
 
@@ -223,9 +227,12 @@ class Detector:
             spike.reason = "no residual values downstream"
             return
         carried = [stats.resid_max[r][spike.channel] >= 0.5 * magnitude for r in after]
+        longest = max(len(a) for _, a in self.chains.values())
         spike.carried_fraction = float(np.mean(carried))
         if spike.residual_before is not None and spike.residual_before >= 0.5 * magnitude:
             spike.reason = "the residual stream already carried this channel (not its origin)"
+        elif len(after) < max(2, self.config.min_persist_span * longest):
+            spike.reason = f"too close to the end to persist ({len(after)} of {longest} residual values downstream)"
         elif spike.carried_fraction < self.config.min_persist_fraction:
             spike.reason = f"carried by only {spike.carried_fraction:.0%} of the residual stream downstream"
         else:
@@ -287,6 +294,7 @@ def detect(
     say(f"instrumented {len(detector.layers)} linear layers")
     overrides: dict[str, np.ndarray] = {}
     zeroed: set[tuple[int, int, int]] = set()
+    coordinates: list[tuple[str, tuple[int, ...]]] = []
     super_weights: list[SuperWeight] = []
     activations: list[Spike] = []
     one_off: dict[tuple[int, int], Spike] = {}
@@ -322,12 +330,9 @@ def detect(
         if not new_weights:
             break
         for sw in new_weights:
-            layer = detector.layers[sw.position]
-            name = layer.weight.initializer.name
-            if name not in overrides:
-                overrides[name] = np.array(layer.weight.initializer.const_value.numpy(), copy=True)
-            overrides[name][tuple(sw.index)] = 0
             zeroed.add((sw.position, sw.col, sw.row))
+            coordinates.append((sw.initializer, tuple(sw.index)))
+        overrides = scaled_initializers(detector.model, coordinates, 0.0)
         super_weights.extend(new_weights)
         say(f"pass {iteration + 1}: {len(new_weights)} super weight(s) found, zeroing them and repeating")
         iteration += 1

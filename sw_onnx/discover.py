@@ -216,9 +216,21 @@ def find_residual_chain(layer: LinearLayer) -> tuple[ir.Value | None, list[ir.Va
         return None, []
     before = first_add.inputs[1] if first_add.inputs[0] is value else first_add.inputs[0]
     chain = [first_add.outputs[0]]
-    while True:
-        nxt = [n for n in _uses(chain[-1]) if _is_residual_add(n)]
-        if not nxt:
-            break
-        chain.append(nxt[0].outputs[0])
+    while (nxt := _next_residual_add(chain[-1])) is not None:
+        chain.append(nxt.outputs[0])
     return before, chain
+
+
+def _next_residual_add(value: ir.Value, depth: int = 3) -> ir.Node | None:
+    """The residual Add that consumes `value`, directly or through Cast/Identity/Reshape (exporters add them)."""
+    frontier = [value]
+    for _ in range(depth):
+        following = []
+        for v in frontier:
+            for node in _uses(v):
+                if _is_residual_add(node):
+                    return node
+                if node.op_type in ("Cast", "Identity", "Reshape"):
+                    following.append(node.outputs[0])
+        frontier = following
+    return None

@@ -140,3 +140,78 @@ def logits_output_name(session) -> str:
             if o.type in ("tensor(float)", "tensor(float16)") and len(o.shape) == rank:
                 return o.name
     raise UnsupportedGraphError("the graph has no logits-like output (float, rank 3 or 2)")
+
+
+DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the paper's detection prompt
+
+
+def _read_json(path) -> dict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def bos_convention(model_dir) -> tuple[int | None, bool]:
+    """(BOS token id, whether the model expects it prepended) from config.json / tokenizer_config.json.
+
+    `add_bos_token` is read from tokenizer_config.json, then config.json; when neither says, a model
+    that names a BOS id is assumed to use it (the Llama convention).
+    """
+    from pathlib import Path
+
+    folder = Path(model_dir)
+    config = _read_json(folder / "config.json")
+    tok_config = _read_json(folder / "tokenizer_config.json")
+    bos = config.get("bos_token_id")
+    bos = bos[0] if isinstance(bos, list) and bos else bos
+    add = tok_config.get("add_bos_token", config.get("add_bos_token"))
+    if add is None:
+        add = bos is not None
+    return (int(bos) if isinstance(bos, int) else None), bool(add)
+
+
+def prompt_token_ids(model_path, *, tokenizer=None, prompt: str | None = None) -> tuple[np.ndarray, str]:
+    """Token ids for detection and how they were made.
+
+    With a tokenizer (`tokenizer` path, or tokenizer.json beside the model) the prompt (default: the paper's
+    "Apple Inc. is a worldwide tech company.") is encoded and BOS prepended when the model expects it.
+    Without one, the documented default: BOS (config.json's id, else 1) then `DEFAULT_TOKEN_IDS_AFTER_BOS`.
+
+    Returns:
+        (int64 ids `[seq]`, a short description of the source).
+    """
+    from pathlib import Path
+
+    from sw_onnx.errors import UsageError
+
+    model_path = Path(model_path)
+    folder = model_path if model_path.is_dir() else model_path.parent
+    bos, add_bos = bos_convention(folder)
+    tok_path = Path(tokenizer) if tokenizer else folder / "tokenizer.json"
+    if tokenizer and tok_path.is_dir():
+        tok_path = tok_path / "tokenizer.json"
+    if tokenizer and not tok_path.is_file():
+        raise UsageError(f"--tokenizer {tokenizer}: no tokenizer.json there")
+    if tok_path.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_file(str(tok_path))
+        except Exception as e:
+            raise UsageError(f"{tok_path}: not a readable tokenizer.json ({e})") from e
+        text = DEFAULT_PROMPT if prompt is None else prompt
+        ids = tok.encode(text).ids
+        if add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        if not ids:
+            raise UsageError("the prompt encodes to no tokens")
+        return np.array(ids, dtype=np.int64), f"tokenizer {tok_path.name}: {text!r}" + (" with BOS" if ids[0] == bos else "")
+    if prompt is not None:
+        raise UsageError("--prompt needs a tokenizer", hint="put tokenizer.json beside the model or pass --tokenizer")
+    first = bos if bos is not None else DEFAULT_BOS_TOKEN_ID
+    return np.array((first, *DEFAULT_TOKEN_IDS_AFTER_BOS), dtype=np.int64), "default ids (no tokenizer)"

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from sw_onnx.errors import ModelLoadError
@@ -23,6 +22,7 @@ logger = logging.getLogger(__name__)
 MODEL_FILE_NAMES = ("model.onnx", "decoder_model.onnx", "model_quantized.onnx")
 # Initializers at least this large go to onnxruntime as in-memory OrtValues rather than protobuf bytes.
 _IN_MEMORY_THRESHOLD_BYTES = 1024
+_IN_MEMORY_LOCATION = "sw-onnx-in-memory.bin"  # never read: onnxruntime gets these bytes from memory
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -62,7 +62,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         model = ir.load(p)
     except Exception as e:  # protobuf raises several unrelated types for garbage input
-        raise ModelLoadError(f"{p}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from e
+        first_line = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ModelLoadError(f"{p}: not a readable ONNX model ({type(e).__name__}: {first_line})") from e
     if model.graph is None or (len(model.graph) == 0 and not model.graph.outputs):
         raise ModelLoadError(f"{p}: not an ONNX model (empty graph)")
     return model
@@ -115,23 +116,31 @@ def create_session(
     import onnxruntime as ort
 
     overrides = dict(overrides or {})
-    proto = ir.to_proto(model)
-    names, values, keep_alive = [], [], []
-    for tensor in proto.graph.initializer:
-        value = model.graph.initializers.get(tensor.name)
-        const = value.const_value if value is not None else None
-        if tensor.name not in overrides and (const is None or _nbytes(const) < _IN_MEMORY_THRESHOLD_BYTES):
+    unknown = sorted(set(overrides) - set(model.graph.initializers))
+    if unknown:
+        raise KeyError(f"no initializer named {unknown}")
+    names, arrays = [], []
+    originals = {}
+    for name, value in model.graph.initializers.items():
+        const = value.const_value
+        if const is None or (name not in overrides and _nbytes(const) < _IN_MEMORY_THRESHOLD_BYTES):
             continue
-        array = overrides.pop(tensor.name) if tensor.name in overrides else const.numpy()
+        array = overrides[name] if name in overrides else const.numpy()
         if array.dtype.kind not in "fiub":  # e.g. bfloat16 or int4: leave it to protobuf
             continue
-        array = np.ascontiguousarray(array)
-        _mark_external(tensor, array.nbytes)
-        keep_alive.append(array)
-        names.append(tensor.name)
-        values.append(ort.OrtValue.ortvalue_from_numpy(array))
-    if overrides:
-        raise KeyError(f"no initializer named {sorted(overrides)}")
+        names.append(name)
+        arrays.append(np.ascontiguousarray(array))
+        # A placeholder, so that serializing the graph copies no weight bytes.
+        originals[name] = const
+        value.const_value = ir.ExternalTensor(
+            _IN_MEMORY_LOCATION, 0, arrays[-1].nbytes, const.dtype, shape=const.shape, name=name
+        )
+    try:
+        proto = ir.to_proto(model)
+    finally:
+        for name, const in originals.items():
+            model.graph.initializers[name].const_value = const
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if not optimize:
@@ -139,16 +148,6 @@ def create_session(
     if names:
         options.add_external_initializers(names, values)
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers or ["CPUExecutionProvider"])
-    session._sw_onnx_keep_alive = (keep_alive, values)  # the session reads these buffers
+    session._sw_onnx_keep_alive = (arrays, values)  # the session reads these buffers
     return session
 
-
-def _mark_external(tensor: onnx.TensorProto, nbytes: int) -> None:
-    """Turn an initializer proto into an external-data reference whose bytes onnxruntime gets from memory."""
-    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-        tensor.ClearField(field)
-    del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, val in (("location", "sw-onnx-in-memory.bin"), ("offset", "0"), ("length", str(nbytes))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, val

@@ -1,0 +1,487 @@
+"""Blockwise int4/int8 weight quantization kernels in pure numpy, laid out for ONNX and ONNX Runtime.
+
+Layout: a MatMul weight is float32 ``w[K, N]`` and blocks run along K (axis 0), as in ONNX
+``DequantizeLinear(axis=0, block_size=B)``, which ONNX Runtime fuses into ``com.microsoft::MatMulNBits``.
+K need not be a multiple of B: the last block is shorter and the scale has ``ceil(K / B)`` rows.
+Every kernel is vectorised over all blocks: the weight is viewed as ``[nblocks, B, N]`` with the ragged
+tail zero-filled (zero never moves a range that always includes 0, and it is masked out of statistics).
+
+Formats (``q`` codes, ``scale`` float32, ``zero_point`` uint8), matching ONNX Runtime's own RTN
+quantizer (``quantize_matmul_4bits``/``quantize_matmul_8bits``, used by ``MatMulNBitsQuantizer``):
+
+- symmetric, b bits: ``scale = m / -2**(b-1)`` where ``m`` is the block's element of largest magnitude,
+  *with its sign*, so that element maps to the code ``-2**(b-1)`` and the full range
+  ``[-2**(b-1), 2**(b-1) - 1]`` is used. ``scale`` is negative when ``m`` is positive.
+- asymmetric, b bits: min-max over the block with the range forced to include 0,
+  ``scale = (rmax - rmin) / (2**b - 1)``, ``zero_point = rint(-rmin / scale)`` in ``[0, 2**b - 1]``.
+- codes: ``q = clip(rint(w / scale) + zero_point)``, rounding half to even as ONNX ``QuantizeLinear``;
+  dequantized value ``(q - zero_point) * scale`` as ONNX ``DequantizeLinear``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_MSE_GRID",
+    "DEFAULT_ZSCORE",
+    "QuantizedWeight",
+    "dequantize_blockwise",
+    "pack_int4_low_first",
+    "quantize_blockwise",
+    "to_matmulnbits",
+    "unpack_int4_low_first",
+]
+
+DEFAULT_ZSCORE = 12.0
+"""Default z of ``clip="zscore"``: clamp ``|w|`` at ``mean(|w|) + z * std(|w|)`` per block."""
+
+DEFAULT_MSE_GRID = 21
+"""Default number of shrink factors tried by ``clip="mse"``: ``linspace(1.0, 0.5, 21)``, step 0.025."""
+
+ClipMode = Literal["none", "zscore", "mse"]
+Weighting = Literal["w2", "none"]
+
+_CLIP_MODES = ("none", "zscore", "mse")
+_WEIGHTINGS = ("w2", "none")
+
+
+@dataclass
+class QuantizedWeight:
+    """A blockwise-quantized MatMul weight ``w[K, N]``, blocks of ``block_size`` rows along K.
+
+    Dequantized value: ``(q - zero_point) * scale`` with scale/zero point row ``k // block_size``.
+
+    Attributes:
+        q: codes [K, N]. int8 when ``symmetric`` (int4: [-8, 7]; int8: [-128, 127]), uint8 when not
+            (int4: [0, 15]; int8: [0, 255]), i.e. the signedness of the ONNX type the codes go into
+            (INT4/INT8 vs UINT4/UINT8). Kept-out weights hold the code that dequantizes to exactly 0.
+        scale: float32 [ceil(K / block_size), N]. May be negative when symmetric (see module doc);
+            0 for a block whose quantized elements are all zero.
+        zero_point: uint8 [ceil(K / block_size), N] in the code range, or None when symmetric.
+        bits: 4 or 8.
+        block_size: rows per block; K for per-channel quantization. May exceed K (one short block).
+        symmetric: whether the codes are signed with an implicit zero point of 0.
+    """
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    bits: int
+    block_size: int
+    symmetric: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The weight's shape ``(K, N)``."""
+        return self.q.shape  # type: ignore[return-value]
+
+    @property
+    def nblocks(self) -> int:
+        """Blocks per column, ``ceil(K / block_size)``."""
+        return self.scale.shape[0]
+
+
+def quantize_blockwise(
+    w: np.ndarray,
+    *,
+    bits: int = 4,
+    block_size: int | None = 128,
+    symmetric: bool = False,
+    clip: ClipMode = "none",
+    zscore: float | None = None,
+    weighting: Weighting | None = None,
+    mse_grid: int | None = None,
+    keep_out: np.ndarray | list[tuple[int, int]] | None = None,
+) -> QuantizedWeight:
+    """Quantize a float32 weight ``w[K, N]`` in blocks of ``block_size`` rows along K.
+
+    Args:
+        w: float [K, N], finite; converted to float32.
+        bits: 4 or 8.
+        block_size: rows per block (>= 1); None means per-channel (block_size = K). The last block is
+            shorter when K is not a multiple; a block size above K gives one (short) block per column,
+            the same quantization as per-channel, kept as given so that a power of two >= K still
+            suits MatMulNBits.
+        symmetric: signed codes with the full range and scale ``m / -2**(bits-1)`` (``m`` the signed
+            element of largest magnitude, ties to the negative one), as ONNX Runtime's RTN. For int8
+            this is ``m / -128`` rather than ``absmax / 127``: same as ORT's 8-bit MatMulNBits
+            quantizer, one more code, and the largest weight stays exact. Otherwise asymmetric min-max
+            (range forced to include 0) with a uint8 zero point.
+        clip: how each block's range is chosen before rounding.
+            ``"none"``: the plain range (round-to-nearest, as ORT).
+            ``"zscore"``: clamp ``|w|`` at ``mean(|w|) + zscore * std(|w|)`` of the block (paper Eq. 2,
+            population std) for the range; weights beyond it saturate at the end codes.
+            ``"mse"``: shrink the range by the factor in ``linspace(1, 0.5, mse_grid)`` that minimises the
+            block's reconstruction error ``sum(weight * (w - deq)**2)``; ties keep the larger factor,
+            so the plain range (factor 1) is chosen unless another is strictly better.
+        zscore: z for ``clip="zscore"`` (default ``DEFAULT_ZSCORE``); only allowed with that mode.
+        weighting: error weight for ``clip="mse"``: ``"w2"`` (``w**2``, protects large weights;
+            default) or ``"none"`` (plain squared error); only allowed with that mode.
+        mse_grid: number of shrink factors for ``clip="mse"`` (>= 1, default ``DEFAULT_MSE_GRID``);
+            only allowed with that mode.
+        keep_out: weights kept out of the quantizer: a bool mask [K, N] or (k, n) coordinates
+            (sequence of pairs or int array [M, 2]). They are left out of their block's range,
+            statistics and error, and get the code that dequantizes to exactly 0 (the zero point, or 0
+            when symmetric); the caller adds their exact values back on a side path.
+
+    Returns:
+        The codes, scales and zero points; see `QuantizedWeight`.
+
+    Raises:
+        ValueError: on a bad argument, a non-2-D or non-finite ``w``, or keep-out coordinates out of
+            bounds.
+
+    Example:
+        >>> w = np.array([[1.0], [-0.5], [0.25], [0.0]], dtype=np.float32)
+        >>> qw = quantize_blockwise(w, bits=4, block_size=4, symmetric=True)
+        >>> qw.scale.tolist(), qw.q.ravel().tolist()
+        ([[-0.125]], [-8, 4, -2, 0])
+        >>> dequantize_blockwise(qw).ravel().tolist()
+        [1.0, -0.5, 0.25, -0.0]
+    """
+    w = _check_weight(w)
+    k, n = w.shape
+    bs = _effective_block_size(block_size, k)
+    qmin, qmax = _code_range(bits, symmetric)
+    z, weight_mode, grid = _check_clip_options(clip, zscore, weighting, mse_grid)
+    excluded = _keep_out_mask(keep_out, w.shape)
+
+    blocks, valid = _to_blocks(w, bs, excluded)
+    range_blocks = _clamp_zscore(blocks, valid, z) if clip == "zscore" else blocks
+    lo = range_blocks.min(axis=1, keepdims=True)
+    hi = range_blocks.max(axis=1, keepdims=True)
+    if clip == "mse":
+        shrink = _search_range_shrink(blocks, lo, hi, bits, symmetric, weight_mode, grid)
+        lo, hi = lo * shrink, hi * shrink
+
+    scale, zp = _scale_zero_point(lo, hi, bits, symmetric)
+    codes = _round_codes(blocks, scale, zp, qmin, qmax)
+    q = codes.reshape(-1, n)[:k].astype(np.int8 if symmetric else np.uint8)
+    return QuantizedWeight(
+        q=q,
+        scale=scale[:, 0, :].astype(np.float32),
+        zero_point=None if zp is None else zp[:, 0, :].astype(np.uint8),
+        bits=bits,
+        block_size=bs,
+        symmetric=symmetric,
+    )
+
+
+def dequantize_blockwise(qw: QuantizedWeight) -> np.ndarray:
+    """Dequantize to float32 [K, N]: ``(q - zero_point) * scale``, as ONNX ``DequantizeLinear``.
+
+    Args:
+        qw: the quantized weight.
+
+    Returns:
+        float32 [K, N]. Kept-out weights and all-zero blocks come back as exactly 0 (possibly -0.0).
+
+    Example:
+        >>> qw = quantize_blockwise(np.array([[-4.0], [1.0], [11.0]], np.float32), block_size=None)
+        >>> qw.scale.tolist(), qw.zero_point.tolist(), qw.q.ravel().tolist()
+        ([[1.0]], [[4]], [0, 5, 15])
+        >>> dequantize_blockwise(qw).ravel().tolist()
+        [-4.0, 1.0, 11.0]
+    """
+    k = qw.q.shape[0]
+    x = qw.q.astype(np.float32)
+    if qw.zero_point is not None:
+        x -= np.repeat(qw.zero_point, qw.block_size, axis=0)[:k].astype(np.float32)
+    x *= np.repeat(np.asarray(qw.scale, np.float32), qw.block_size, axis=0)[:k]
+    return x
+
+
+def pack_int4_low_first(q: np.ndarray) -> np.ndarray:
+    """Pack int4 or uint4 codes two per byte, first element in the low nibble.
+
+    Byte-for-byte what ``onnx.numpy_helper.from_array(arr.astype(ml_dtypes.int4)).raw_data`` (or
+    ``uint4``) writes: the array is flattened in C order, an odd count leaves the last high nibble 0.
+
+    Args:
+        q: integer array of any shape with values in [-8, 7] (int4) or [0, 15] (uint4).
+
+    Returns:
+        uint8 [ceil(q.size / 2)].
+
+    Raises:
+        ValueError: if ``q`` is not an integer array or holds a value outside [-8, 15].
+
+    Example:
+        >>> pack_int4_low_first(np.array([1, -8, 7], np.int8)).tolist()
+        [129, 7]
+    """
+    flat = np.asarray(q).reshape(-1)
+    if not np.issubdtype(flat.dtype, np.integer):
+        raise ValueError(f"int4 codes must be an integer array, got {flat.dtype}")
+    if flat.size and (int(flat.min()) < -8 or int(flat.max()) > 15):
+        raise ValueError("int4 codes must lie in [-8, 7] (int4) or [0, 15] (uint4)")
+    nibbles = flat.astype(np.uint8) & np.uint8(0x0F)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << np.uint8(4))
+
+
+def unpack_int4_low_first(packed: np.ndarray, count: int, signed: bool) -> np.ndarray:
+    """Unpack ``count`` int4 or uint4 codes stored two per byte, low nibble first.
+
+    Args:
+        packed: uint8 bytes (any shape; flattened in C order).
+        count: number of codes to return, at most ``2 * packed.size``.
+        signed: sign-extend to int8 [-8, 7]; otherwise return uint8 [0, 15].
+
+    Returns:
+        int8 or uint8 [count].
+
+    Raises:
+        ValueError: if ``count`` is negative or larger than the bytes hold.
+
+    Example:
+        >>> unpack_int4_low_first(np.array([129, 7], np.uint8), 3, signed=True).tolist()
+        [1, -8, 7]
+    """
+    data = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if count < 0 or count > 2 * data.size:
+        raise ValueError(f"cannot unpack {count} int4 codes from {data.size} bytes")
+    nibbles = np.empty(2 * data.size, dtype=np.uint8)
+    nibbles[0::2] = data & np.uint8(0x0F)
+    nibbles[1::2] = data >> np.uint8(4)
+    nibbles = nibbles[:count]
+    if signed:
+        return (nibbles.astype(np.int8) ^ np.int8(8)) - np.int8(8)
+    return nibbles
+
+
+def to_matmulnbits(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Lay a quantized weight out as the inputs of ``com.microsoft::MatMulNBits``.
+
+    Set the node's attributes to ``K, N = qw.shape``, ``bits=qw.bits``, ``block_size=qw.block_size``.
+    The bytes equal ONNX Runtime's own ``quantize_matmul_{4,8}bits`` output for the same codes,
+    padding included: a ragged last block is padded with code 0 and an odd number of 4-bit zero
+    points with the nibble 8 (ORT never reads either). The one exception: for an odd K with 4 bits,
+    ORT leaves unspecified data in the unused high nibble of each column's last byte; we write 0.
+
+    Args:
+        qw: the quantized weight; ``block_size`` must be a power of two >= 16 (MatMulNBits' rule).
+
+    Returns:
+        ``(B, scales, zero_points)``:
+        B: uint8 [N, nblocks, block_size * bits / 8], N-major, codes along K, 4-bit codes two per byte
+        low nibble first. Codes are unsigned: symmetric codes are stored offset by ``2**(bits-1)``
+        (8 or 128), which is MatMulNBits' default zero point when none is given.
+        scales: float32 [N, nblocks] (ORT also accepts the flat [N * nblocks]).
+        zero_points: None when symmetric; otherwise uint8 [N, ceil(nblocks / 2)] for 4 bits (two per
+        byte, low nibble first along the blocks) or [N, nblocks] for 8 bits.
+
+    Raises:
+        ValueError: if the block size is not a power of two >= 16 or ``bits`` is not 4 or 8. For a
+            per-channel weight whose K is not a power of two, quantize with ``block_size`` set to the
+            next power of two >= K instead: same codes and scales, one padded block.
+
+    Example:
+        >>> qw = quantize_blockwise(np.ones((32, 2), np.float32), block_size=16, symmetric=True)
+        >>> [a.shape for a in to_matmulnbits(qw)[:2]]
+        [(2, 2, 8), (2, 2)]
+    """
+    k, n = qw.q.shape
+    bs, bits = qw.block_size, qw.bits
+    if bits not in (4, 8):
+        raise ValueError(f"MatMulNBits layout is implemented for 4 and 8 bits, got {bits}")
+    if bs < 16 or bs & (bs - 1):
+        raise ValueError(f"MatMulNBits needs block_size a power of two >= 16, got {bs}")
+    nblocks = -(-k // bs)
+    offset = 1 << (bits - 1) if qw.symmetric else 0
+
+    codes = np.zeros((n, nblocks * bs), dtype=np.uint8)
+    codes[:, :k] = (qw.q.T.astype(np.int16) + offset).astype(np.uint8)
+    codes = codes.reshape(n, nblocks, bs)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << np.uint8(4))
+    scales = np.ascontiguousarray(np.asarray(qw.scale, np.float32).T)
+
+    if qw.zero_point is None:
+        return codes, scales, None
+    zp = np.ascontiguousarray(qw.zero_point.T.astype(np.uint8))
+    if bits == 4:
+        if nblocks % 2:
+            zp = np.concatenate([zp, np.full((n, 1), 8, dtype=np.uint8)], axis=1)
+        zp = zp[:, 0::2] | (zp[:, 1::2] << np.uint8(4))
+    return codes, scales, zp
+
+
+# ----------------------------------------------------------------------------------------------
+# Private helpers. Block arrays are [nblocks, B, N]; per-block arrays are [nblocks, 1, N].
+
+
+def _check_weight(w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 2 or 0 in w.shape:
+        raise ValueError(f"weight must be a non-empty 2-D array [K, N], got shape {w.shape}")
+    if not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"weight must be floating point, got {w.dtype}")
+    w = w.astype(np.float32, copy=False)
+    if not np.isfinite(w).all():
+        raise ValueError("weight holds NaN or infinite values")
+    return w
+
+
+def _effective_block_size(block_size: int | None, k: int) -> int:
+    if block_size is None:
+        return k
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+    return int(block_size)
+
+
+def _code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if symmetric:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _check_clip_options(
+    clip: str, zscore: float | None, weighting: str | None, mse_grid: int | None
+) -> tuple[float, str, int]:
+    if clip not in _CLIP_MODES:
+        raise ValueError(f"clip must be one of {_CLIP_MODES}, got {clip!r}")
+    if zscore is not None and clip != "zscore":
+        raise ValueError("zscore is only used with clip='zscore'")
+    if (weighting is not None or mse_grid is not None) and clip != "mse":
+        raise ValueError("weighting and mse_grid are only used with clip='mse'")
+    z = DEFAULT_ZSCORE if zscore is None else float(zscore)
+    if not np.isfinite(z) or z < 0:
+        raise ValueError(f"zscore must be a finite number >= 0, got {zscore!r}")
+    weight_mode = "w2" if weighting is None else weighting
+    if weight_mode not in _WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+    grid = DEFAULT_MSE_GRID if mse_grid is None else mse_grid
+    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
+        raise ValueError(f"mse_grid must be a positive integer, got {mse_grid!r}")
+    return z, weight_mode, int(grid)
+
+
+def _keep_out_mask(
+    keep_out: np.ndarray | list[tuple[int, int]] | None, shape: tuple[int, int]
+) -> np.ndarray | None:
+    """Normalise ``keep_out`` to a bool mask [K, N], or None when nothing is kept out."""
+    if keep_out is None:
+        return None
+    arr = np.asarray(keep_out)
+    if arr.dtype == np.bool_:
+        if arr.shape != shape:
+            raise ValueError(f"keep_out mask must have the weight's shape {shape}, got {arr.shape}")
+        return arr if arr.any() else None
+    if arr.size == 0:
+        return None
+    if not np.issubdtype(arr.dtype, np.integer) or arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError("keep_out must be a bool mask [K, N] or integer (k, n) coordinates [M, 2]")
+    rows, cols = arr[:, 0], arr[:, 1]
+    if rows.min() < 0 or cols.min() < 0 or rows.max() >= shape[0] or cols.max() >= shape[1]:
+        raise ValueError(f"keep_out coordinates out of bounds for a weight of shape {shape}")
+    mask = np.zeros(shape, dtype=bool)
+    mask[rows, cols] = True
+    return mask
+
+
+def _to_blocks(w: np.ndarray, bs: int, excluded: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """View ``w`` as blocks [nblocks, bs, N], zero-filling the ragged tail and excluded weights.
+
+    Returns the blocks and a bool mask of the real, not-excluded elements (None when all are).
+    """
+    k, n = w.shape
+    nblocks = -(-k // bs)
+    pad = nblocks * bs - k
+    if pad == 0 and excluded is None:
+        return w.reshape(nblocks, bs, n), None
+    x = np.zeros((nblocks * bs, n), dtype=np.float32)
+    x[:k] = w
+    valid = np.zeros((nblocks * bs, n), dtype=bool)
+    valid[:k] = True
+    if excluded is not None:
+        x[:k][excluded] = 0.0
+        valid[:k][excluded] = False
+    return x.reshape(nblocks, bs, n), valid.reshape(nblocks, bs, n)
+
+
+def _clamp_zscore(blocks: np.ndarray, valid: np.ndarray | None, z: float) -> np.ndarray:
+    """Clamp each block to ``+-(mean(|w|) + z * std(|w|))`` over its valid elements (paper Eq. 2)."""
+    mag = np.abs(blocks)
+    if valid is None:
+        mean = mag.mean(axis=1, keepdims=True)
+        std = mag.std(axis=1, keepdims=True)
+    else:
+        count = np.maximum(valid.sum(axis=1, keepdims=True), 1).astype(np.float32)
+        mean = mag.sum(axis=1, keepdims=True) / count
+        dev = np.where(valid, mag - mean, np.float32(0))
+        std = np.sqrt((dev * dev).sum(axis=1, keepdims=True) / count)
+    limit = (mean + np.float32(z) * std).astype(np.float32)
+    return np.clip(blocks, -limit, limit)
+
+
+def _scale_zero_point(
+    lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-block scale (float32) and zero point (float32 holding integers, or None) from min/max."""
+    if symmetric:
+        signed_absmax = np.where(np.abs(hi) > np.abs(lo), hi, lo)
+        return (signed_absmax / np.float32(-(1 << (bits - 1)))).astype(np.float32), None
+    qmax = np.float32((1 << bits) - 1)
+    rmin = np.minimum(lo, np.float32(0))
+    rmax = np.maximum(hi, np.float32(0))
+    scale = ((rmax - rmin) / qmax).astype(np.float32)
+    nonzero = scale != 0
+    safe = np.where(nonzero, scale, np.float32(1))
+    zp = np.where(nonzero, np.clip(np.rint(-rmin / safe), 0, qmax), np.float32(0)).astype(np.float32)
+    return scale, zp
+
+
+def _round_codes(
+    blocks: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, qmin: int, qmax: int
+) -> np.ndarray:
+    """``clip(rint(x / scale) + zp, qmin, qmax)`` as float32; a zero scale gives the zero point."""
+    safe = np.where(scale != 0, scale, np.float32(1))
+    codes = np.rint(blocks / safe)
+    if not scale.all():  # underflowed scales: keep tiny weights at the zero point
+        codes[np.broadcast_to(scale == 0, codes.shape)] = 0.0
+    if zp is not None:
+        codes += zp
+    return np.clip(codes, qmin, qmax, out=codes)
+
+
+def _search_range_shrink(
+    blocks: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    weighting: str,
+    grid: int,
+) -> np.ndarray:
+    """Per-block shrink factor in ``linspace(1, 0.5, grid)`` minimising the (weighted) squared error.
+
+    Zero-filled elements (ragged tail, kept-out weights) reconstruct exactly and add nothing.
+    Returns float32 [nblocks, 1, N].
+    """
+    qmin, qmax = _code_range(bits, symmetric)
+    weight = blocks * blocks if weighting == "w2" else None
+    best_err = np.full(lo.shape, np.inf, dtype=np.float64)
+    best = np.ones(lo.shape, dtype=np.float32)
+    for factor in np.linspace(1.0, 0.5, grid, dtype=np.float32):
+        scale, zp = _scale_zero_point(lo * factor, hi * factor, bits, symmetric)
+        codes = _round_codes(blocks, scale, zp, qmin, qmax)
+        if zp is not None:
+            codes -= zp
+        diff = blocks - codes * scale
+        diff *= diff
+        if weight is not None:
+            diff *= weight
+        err = diff.sum(axis=1, keepdims=True, dtype=np.float64)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = np.where(better, factor, best)
+    return best
