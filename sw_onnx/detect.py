@@ -169,14 +169,23 @@ class Detector:
                 self.chains[layer.position] = (ids[0] if before is not None else None, ids[1:] if before is not None else ids)
         self.weights = {layer.position: layer.weight.effective_weight for layer in self.layers}
         InstrumentLinearStatsPass(self.layers, self.residual_values)(model)
+        # Weights become overridable initializers (also graph inputs): each pass feeds the ones with zeroed
+        # super weights, so one session serves every pass.
+        graph_inputs = {v.name for v in model.graph.inputs}
+        for layer in self.layers:
+            if layer.weight.initializer.name not in graph_inputs:
+                model.graph.inputs.append(layer.weight.initializer)
+                graph_inputs.add(layer.weight.initializer.name)
         self.model = model
         self.output_names = [v.name for v in model.graph.outputs if v.name.startswith("sw_onnx/")]
+        self._session = None
 
     def run_pass(self, token_ids: np.ndarray, overrides: dict[str, np.ndarray]) -> _Pass:
-        session = create_session(self.model, overrides=overrides, providers=self.config.providers)
-        feeds = build_feeds(session, token_ids)
-        values = dict(zip(self.output_names, session.run(self.output_names, feeds)))
-        del session
+        if self._session is None:
+            self._session = create_session(self.model, providers=self.config.providers)
+        feeds = build_feeds(self._session, token_ids)
+        feeds.update(overrides)
+        values = dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
 
         def per(kind, keys):
             return {k: values[stat_output_name(kind, k)] for k in keys}
