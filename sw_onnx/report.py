@@ -136,10 +136,17 @@ def plot_detect(result: DetectResult, path: Path, *, layers) -> None:
     groups: dict[tuple[int, float], list] = {}
     for sw in result.super_weights:
         groups.setdefault((sw.position, abs(sw.output_spike["value"])), []).append(sw)
-    for (position, height), group in groups.items():
-        label = f"{_short(group[0].node)}\n" + ", ".join(f"[{sw.row}, {sw.col}]" for sw in group)
-        ax.annotate(label, (position, height), textcoords="offset points", xytext=(6, -18), fontsize=7, color="red")
+    legend_lines = []
+    for number, ((position, height), group) in enumerate(sorted(groups.items()), start=1):
+        ax.annotate(str(number), (position, height), textcoords="offset points", xytext=(5, 3), fontsize=8, color="red")
+        where = _layer_label(group[0].layer, position)
+        weights = ", ".join(f"[{sw.row}, {sw.col}]" for sw in group)
+        legend_lines.append(f"{number}: {where} {_short(group[0].node)} {weights}")
+    if legend_lines:
+        ax.text(0.99, 0.98, "super weights, torch [row, col]\n" + "\n".join(legend_lines), transform=ax.transAxes,
+                ha="right", va="top", fontsize=7, color="red", bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
     ax.set_yscale("log")
+    ax.set_ylim(top=max(first["out_peak"].values()) * 100)  # headroom for the legend boxes
     ax.set_xlabel("linear layer (topological order)")
     ax.set_ylabel("max |activation| over tokens")
     ax.set_title("sw-onnx detect: linear-layer inputs and outputs")
