@@ -241,6 +241,11 @@ def perplexity(
 
     session = _session(model, providers)
     out_name = logits_output_name(session)
+    declared_vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == out_name), None)
+    used = ids[: n_windows * context]
+    if int(used.min()) < 0 or (isinstance(declared_vocab, int) and int(used.max()) >= declared_vocab):
+        raise UsageError(f"token ids span {int(used.min())}..{int(used.max())}, outside the model's "
+                         f"vocabulary of {declared_vocab}", hint="use the model's own tokenizer")
     t0 = time.perf_counter()
     nll_sum = 0.0
     for w in range(n_windows):

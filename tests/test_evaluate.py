@@ -137,7 +137,10 @@ def test_accepts_session_folder_and_2d_ids(pos_model, tables):
     a = perplexity(pos_model, ids, context=8)
     b = perplexity(ort.InferenceSession(str(pos_model), providers=["CPUExecutionProvider"]), ids, context=8)
     c = perplexity(pos_model.parent, ids[None, :].astype(np.int32), context=8)  # folder holding model.onnx
-    assert a.nll_mean == b.nll_mean == c.nll_mean
+    from sw_onnx.io import load_model
+
+    d = perplexity(load_model(pos_model), ids, context=8)  # in-memory onnx_ir model
+    assert a.nll_mean == b.nll_mean == c.nll_mean == d.nll_mean
 
 
 def test_progress_and_other_output_name(tmp_path, tables):
