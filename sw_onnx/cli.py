@@ -93,10 +93,120 @@ def detect(
         _progress(f"plot written to {plot}")
 
 
+from sw_onnx.quantize import QuantizeConfig as _QuantizeConfig  # noqa: E402  (light: no onnx import)
+
+_QDEFAULT = _QuantizeConfig()  # the quantize command's defaults are the library's
+OutputOpt = Annotated[Optional[Path], typer.Option("-o", "--output", help="Quantized .onnx to write (default: beside the input, e.g. model.int4-b32.onnx).", show_default=False)]
+BitsOpt = Annotated[int, typer.Option("--bits", help="Weight bits: 4 or 8.")]
+BlockSizeOpt = Annotated[int, typer.Option("--block-size", help="Weights per quantization block along K: a power of two >= 16.")]
+SymmetricOpt = Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Signed codes without zero point, or unsigned codes with one.")]
+ClipOpt = Annotated[str, typer.Option("--clip", help="Block range: none (min-max), zscore[:Z] (paper Eq. 2) or mse (w^2-weighted error search).")]
+KeepOpt = Annotated[str, typer.Option("--keep", help="Super weights kept exact: auto (detect first), none, or a sw-onnx detect --json report.")]
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave float the linear layers whose node name matches this glob (repeatable).", show_default=False)]
+LmHeadOpt = Annotated[bool, typer.Option("--lm-head/--no-lm-head", help="Quantize the lm_head (the layer that outputs the logits) too.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="qdq: standard ONNX DequantizeLinear+MatMul (opset 21), fused by onnxruntime; nbits: com.microsoft MatMulNBits.")]
+VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Check the written model (checker, fusion, logits) before publishing it.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+
+
+def _parse_clip(text: str) -> tuple[str, Optional[float]]:
+    mode, _, z = text.partition(":")
+    if not z:
+        return mode, None
+    if mode != "zscore":
+        raise UsageError(f"--clip {text}: only zscore takes a value (zscore:Z)")
+    try:
+        return mode, float(z)
+    except ValueError:
+        raise UsageError(f"--clip {text}: Z must be a number, e.g. zscore:12") from None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _format_quantize_summary(summary) -> str:
+    lines = []
+    total = len(summary.layers)
+    cfg = summary.config
+    kind = f"{'int' if cfg.symmetric else 'uint'}{cfg.bits} b{cfg.block_size}"
+    for i, d in enumerate(summary.layers, 1):
+        head = f"[{i:{len(str(total))}d}/{total}] {d.node} [{d.k}x{d.n}]"
+        if d.action == "quantized":
+            level = f", accuracy_level {d.accuracy_level}" if d.accuracy_level is not None else ""
+            lines.append(f"{head} -> {kind} {d.form}{level} | {_mib(d.float_bytes)} -> {_mib(d.quantized_bytes)} | kept {len(d.kept)}")
+        else:
+            lines.append(f"{head} float | skipped: {d.reason}")
+    t = summary.totals()
+    lines.append(
+        f"quantized {t['quantized']} of {t['linear_layers']} linear layers ({', '.join(f'{k} {v}' for k, v in t['forms'].items())}), "
+        f"{t['kept_out']} super weight(s) kept out, {t['bits_per_weight']} bits per weight"
+    )
+    lines.append(f"model size {_mib(summary.input_bytes)} -> {_mib(summary.output_bytes)}; opset {summary.opset['from']} -> {summary.opset['to']} ({summary.opset['method']})")
+    v = summary.verification
+    if v is not None:
+        lg = v.get("logits") or {}
+        lines.append(
+            f"verified: checker {v['checker']}, {v['matmulnbits']} MatMulNBits / {v['expected_fused']} quantized, "
+            f"{v['dequantize_linear']} DequantizeLinear left; logits max |diff| {lg.get('max_abs_diff', float('nan')):.4g} "
+            f"(max |logit| {lg.get('max_abs_reference', float('nan')):.4g}), top-1 agreement {lg.get('top1_agreement', 0):.0%} over {lg.get('tokens', 0)} tokens"
+        )
+    else:
+        lines.append("not verified (--no-verify)")
+    lines.append(f"wrote {summary.output_path} in {summary.seconds.get('total', 0):.1f} s")
+    return "\n".join(lines)
+
+
+@app.command(epilog="Example: sw-onnx quantize ./smollm2-135m/model.onnx -o model.q4.onnx --json summary.json")
+def quantize(
+    model: ModelArg,
+    output: OutputOpt = None,
+    bits: BitsOpt = _QDEFAULT.bits,
+    block_size: BlockSizeOpt = _QDEFAULT.block_size,
+    symmetric: SymmetricOpt = _QDEFAULT.symmetric,
+    clip: ClipOpt = _QDEFAULT.clip,
+    keep: KeepOpt = _QDEFAULT.keep,
+    exclude: ExcludeOpt = None,
+    lm_head: LmHeadOpt = _QDEFAULT.include_lm_head,
+    format: FormatOpt = _QDEFAULT.format,
+    verify: VerifyOpt = _QDEFAULT.verify,
+    json_path: JsonOpt = None,
+    force: ForceOpt = False,
+    provider: ProviderOpt = "cpu",
+) -> None:
+    """Quantize the linear layers to int4/int8 blocks, keeping the super weights exact; verify before writing."""
+    from sw_onnx.quantize import QuantizeConfig, quantize_model
+
+    mode, z = _parse_clip(clip)
+    if z is None and mode == "zscore":
+        z = _QDEFAULT.zscore
+    config = QuantizeConfig(
+        bits=bits, block_size=block_size, symmetric=symmetric, clip=mode, zscore=z, keep=keep,
+        exclude=tuple(exclude or ()), include_lm_head=lm_head, format=format, verify=verify, force=force,
+        providers=tuple(_providers(provider)) if provider != "cpu" else None,
+    )
+    try:
+        summary = quantize_model(model, output, config, progress=_progress)
+    except SwOnnxError as e:
+        partial = getattr(e, "summary", None)
+        if partial is not None and json_path is not None:
+            _write_json(partial.to_dict(), json_path)
+        raise
+    if json_path is not None:
+        _write_json(summary.to_dict(), json_path)
+    if str(json_path) != "-":
+        print(_format_quantize_summary(summary))
+
+
 @app.command()
 def version() -> None:
     """Print the sw-onnx version."""
     print(__version__)
+
+
+from sw_onnx import _cli_measure  # noqa: E402  (eval, compare, generate, ablate)
+
+_cli_measure.register(app)
 
 
 def main() -> None:
