@@ -74,14 +74,18 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
 
     Args:
         external_data: write weights to `<name>.data` beside the model; None decides by size (> 1.8 GB).
+            A model holding external (memory-mapped) tensors always gets its own data file.
 
     Returns:
         The path written.
     """
     path = Path(path)
+    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
     if external_data is None:
-        total = sum(_nbytes(v.const_value) for v in model.graph.initializers.values() if v.const_value is not None)
-        external_data = total > 1_800_000_000
+        external_data = sum(_nbytes(t) for t in tensors) > 1_800_000_000
+    if not external_data and any(isinstance(t, ir.ExternalTensor) for t in tensors):
+        # Inline saving would keep references into the *input's* data file; write our own data file instead.
+        external_data = True
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp_model = tmp_dir / path.name
