@@ -284,3 +284,16 @@ def test_detect_coordinates_find_the_planted_pair(samples):
     from sw_onnx.measure import detect_coordinates
 
     assert set(detect_coordinates(samples["optimum"].path)) == set(_planted(samples["optimum"]))
+
+
+def test_eval_and_compare_on_a_quantized_model(samples, token_stream, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = samples["optimum"].path
+    q = tmp_path / "model.int8.onnx"
+    quantize_dynamic(str(src), str(q), weight_type=QuantType.QInt8)
+    fp32 = evaluate_model(src, token_stream, context=24)
+    int8 = evaluate_model(q, token_stream, context=24)
+    assert np.isfinite(int8.perplexity) and int8.perplexity != fp32.perplexity
+    r = compare_models(src, q, token_stream, context=24)
+    assert 0 < r.mean_kl < 0.5 and r.candidate_perplexity == pytest.approx(int8.perplexity, rel=1e-9)
