@@ -1,7 +1,23 @@
 """The `sw-onnx` command line: parses arguments, calls the library, maps its errors to exit codes.
 
-Exit codes: 0 success, 1 runtime failure (bad model, unsupported graph), 2 usage error, 3 verification failed.
-Tracebacks are shown only with SW_ONNX_DEBUG=1.
+Every failure ends in exactly one line on stderr, ``error: <what is wrong> (hint: <what to do>)``, and one of
+these exit codes (`sw_onnx.errors`); tracebacks only with ``SW_ONNX_DEBUG=1``:
+
+====  ==============================================================================================
+0     success (also "No super weight found.")
+1     the model: missing, not ONNX, corrupt, unsafe or broken external data, unsupported opset, no linear
+      layer, already quantized, onnxruntime cannot run it
+2     usage: bad option or combination (also click's own parsing errors), output == input, output exists
+      without --force, output folder missing, a --keep report for another model
+3     verification of the written model failed; nothing was published
+4     an output could not be written (disk full, permission, read-only): nothing partial is left and a
+      previous file at that path is unchanged; also any other OS-level I/O error
+5     internal error (a bug: please report it with the SW_ONNX_DEBUG=1 traceback)
+130   interrupted
+====  ==============================================================================================
+
+Inputs are only read. ``--json`` output is deterministic (same input and options, same bytes): its timing
+fields (every ``"seconds"``) are null unless ``--timings``.
 """
 
 from __future__ import annotations
@@ -16,7 +32,7 @@ from typing import Annotated, Optional
 import typer
 
 from sw_onnx._version import __version__
-from sw_onnx.errors import SwOnnxError, UsageError
+from sw_onnx.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OUTPUT, SwOnnxError, UsageError
 
 app = typer.Typer(
     name="sw-onnx",
@@ -31,6 +47,7 @@ ModelArg = Annotated[Path, typer.Argument(help="An .onnx file, or an export fold
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here ('-' for stdout).")]
 ProviderOpt = Annotated[str, typer.Option("--provider", help="onnxruntime execution provider: cpu or cuda.")]
 TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="tokenizer.json (default: the one beside the model).")]
+TimingsOpt = Annotated[bool, typer.Option("--timings", help="Fill the JSON's \"seconds\" fields (null by default, so that the same input and options give the same bytes).")]
 
 _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -49,14 +66,34 @@ def _providers(name: str) -> list[str]:
     return _PROVIDERS[name]
 
 
-def _write_json(data: dict, target: Path) -> None:
-    text = json.dumps(data, indent=2) + "\n"
+def _without_timings(data):
+    """`data` with every "seconds" value set to null: the JSON of a run is then a function of its inputs."""
+    if isinstance(data, dict):
+        return {k: (None if k == "seconds" else _without_timings(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_without_timings(v) for v in data]
+    return data
+
+
+def _write_json(data: dict, target: Path, timings: bool = True) -> None:
+    from sw_onnx.io import write_text_atomic
+
+    text = json.dumps(data if timings else _without_timings(data), indent=2) + "\n"
     if str(target) == "-":
         sys.stdout.write(text)
         return
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
+    write_text_atomic(target, text)
+
+
+def _check_output_folder(*targets: Optional[Path]) -> None:
+    """Fail before any work when an output's folder does not exist (usage error, exit 2)."""
+    for target in targets:
+        if target is None or str(target) == "-":
+            continue
+        parent = Path(target).parent
+        if not parent.is_dir():
+            what = "is not a folder" if parent.exists() else "does not exist"
+            raise UsageError(f"{target}: folder {parent} {what}", hint="create it, or write somewhere else")
 
 
 @app.command(epilog="Example: sw-onnx detect ./smollm2-135m --json report.json --plot spikes.png")
@@ -68,6 +105,7 @@ def detect(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of per-layer max |input|/|output|.")] = None,
     max_iterations: Annotated[int, typer.Option(min=1, help="Zero-and-repeat passes at most.")] = 4,
     provider: ProviderOpt = "cpu",
+    timings: TimingsOpt = False,
 ) -> None:
     """Find super activations and super weights, data-free (one onnxruntime pass per iteration)."""
     from sw_onnx.detect import DetectConfig
@@ -77,6 +115,7 @@ def detect(
     from sw_onnx.report import detect_report, format_detect_table, plot_detect
 
     config = DetectConfig(max_iterations=max_iterations, providers=_providers(provider))
+    _check_output_folder(json_path, plot)
     path = resolve_model_path(model)
     token_ids, source = prompt_token_ids(model, tokenizer=tokenizer, prompt=prompt)
     _progress(f"loading {path}")
@@ -85,7 +124,7 @@ def detect(
     result = run_detect(loaded, token_ids, config, progress=_progress)
     report = detect_report(result, model_path=path, config=config, prompt=prompt, tokenizer=tokenizer, source=source)
     if json_path is not None:
-        _write_json(report, json_path)
+        _write_json(report, json_path, timings)
     if str(json_path) != "-":
         print(format_detect_table(result))
     if plot is not None:
@@ -96,9 +135,9 @@ def detect(
 from sw_onnx.quantize import QuantizeConfig as _QuantizeConfig  # noqa: E402  (light: no onnx import)
 
 _QDEFAULT = _QuantizeConfig()  # the quantize command's defaults are the library's
-OutputOpt = Annotated[Optional[Path], typer.Option("-o", "--output", help="Quantized .onnx to write (default: beside the input, e.g. model.int4-b32.onnx).", show_default=False)]
+OutputOpt = Annotated[Optional[Path], typer.Option("-o", "--output", help="Quantized .onnx to write (default: beside the input, e.g. model.uint4-b32.onnx).", show_default=False)]
 BitsOpt = Annotated[int, typer.Option("--bits", help="Weight bits: 4 or 8.")]
-BlockSizeOpt = Annotated[int, typer.Option("--block-size", help="Weights per quantization block along K: a power of two >= 16.")]
+BlockSizeOpt = Annotated[int, typer.Option("--block-size", help="Weights per quantization block along K: a power of two >= 16, or 0 for per-channel (one scale per output channel).")]
 SymmetricOpt = Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Signed codes without zero point, or unsigned codes with one.")]
 ClipOpt = Annotated[str, typer.Option("--clip", help="Block range: none (min-max), zscore[:Z] (paper Eq. 2) or mse (w^2-weighted error search).")]
 KeepOpt = Annotated[str, typer.Option("--keep", help="Super weights kept exact: auto (detect first), none, or a sw-onnx detect --json report.")]
@@ -107,6 +146,9 @@ LmHeadOpt = Annotated[bool, typer.Option("--lm-head/--no-lm-head", help="Quantiz
 FormatOpt = Annotated[str, typer.Option("--format", help="qdq: standard ONNX DequantizeLinear+MatMul (opset 21), fused by onnxruntime; nbits: com.microsoft MatMulNBits.")]
 VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Check the written model (checker, fusion, logits) before publishing it.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+ActivationsOpt = Annotated[str, typer.Option("--activations", help="none (weight-only) or int8: W8A8 QDQ with --bits 8, int8 per-channel weights, static per-tensor int8 activations.")]
+CalibTextOpt = Annotated[Optional[Path], typer.Option("--calib-text", help="Text whose first 2048 tokens calibrate activation ranges and super-activation channels (default: the detection prompt).", show_default=False)]
+SaKeepOutOpt = Annotated[bool, typer.Option("--sa-keep-out/--no-sa-keep-out", help="Keep super-activation entries out of activation quantization (int4: their channels leave MatMulNBits, exact on a float side path; W8A8: replaced by the median, restored exactly).")]
 
 
 def _parse_clip(text: str) -> tuple[str, Optional[float]]:
@@ -129,7 +171,9 @@ def _format_quantize_summary(summary) -> str:
     lines = []
     total = len(summary.layers)
     cfg = summary.config
-    kind = f"{'int' if cfg.symmetric else 'uint'}{cfg.bits} b{cfg.block_size}"
+    kind = f"{'int' if cfg.symmetric else 'uint'}{cfg.bits} {f'b{cfg.block_size}' if cfg.block_size else 'per-channel'}"
+    if getattr(cfg, "activations", "none") == "int8":
+        kind = f"{'int' if cfg.symmetric else 'uint'}8 per-channel, int8 activations"
     for i, d in enumerate(summary.layers, 1):
         head = f"[{i:{len(str(total))}d}/{total}] {d.node} [{d.k}x{d.n}]"
         if d.action == "quantized":
@@ -173,10 +217,15 @@ def quantize(
     json_path: JsonOpt = None,
     force: ForceOpt = False,
     provider: ProviderOpt = "cpu",
+    timings: TimingsOpt = False,
+    activations: ActivationsOpt = _QDEFAULT.activations,
+    calib_text: CalibTextOpt = None,
+    sa_keep_out: SaKeepOutOpt = _QDEFAULT.sa_keep_out,
 ) -> None:
     """Quantize the linear layers to int4/int8 blocks, keeping the super weights exact; verify before writing."""
     from sw_onnx.quantize import QuantizeConfig, quantize_model
 
+    _check_output_folder(json_path)
     mode, z = _parse_clip(clip)
     if z is None and mode == "zscore":
         z = _QDEFAULT.zscore
@@ -184,16 +233,17 @@ def quantize(
         bits=bits, block_size=block_size, symmetric=symmetric, clip=mode, zscore=z, keep=keep,
         exclude=tuple(exclude or ()), include_lm_head=lm_head, format=format, verify=verify, force=force,
         providers=tuple(_providers(provider)) if provider != "cpu" else None,
+        activations=activations, calib_text=str(calib_text) if calib_text is not None else None, sa_keep_out=sa_keep_out,
     )
     try:
         summary = quantize_model(model, output, config, progress=_progress)
     except SwOnnxError as e:
         partial = getattr(e, "summary", None)
         if partial is not None and json_path is not None:
-            _write_json(partial.to_dict(), json_path)
+            _write_json(partial.to_dict(), json_path, timings)
         raise
     if json_path is not None:
-        _write_json(summary.to_dict(), json_path)
+        _write_json(summary.to_dict(), json_path, timings)
     if str(json_path) != "-":
         print(_format_quantize_summary(summary))
 
@@ -209,28 +259,64 @@ from sw_onnx import _cli_measure  # noqa: E402  (eval, compare, generate, ablate
 _cli_measure.register(app)
 
 
-def main() -> None:
-    """Console entry point: run the app, turning sw-onnx errors into one line and an exit code.
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    Click handles usage errors itself (exit 2); sw-onnx's typed errors get their own code; anything else
-    is a bug, reported in one line unless SW_ONNX_DEBUG=1.
+
+def _fail(message: str, hint: str, code: int) -> None:
+    line = f"error: {_one_line(message)}"
+    if hint:
+        line += f" (hint: {_one_line(hint, 200)})"
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: run the app; every failure becomes one stderr line and an exit code.
+
+    sw-onnx's typed errors carry their code (`sw_onnx.errors`); click's parsing errors are usage errors (2);
+    onnxruntime failing on the model is a model error (1); an OSError writing is 4; anything else is a bug
+    (5), reported in one line unless SW_ONNX_DEBUG=1 (then the traceback is raised as is).
     """
+    from typer import _click as click  # typer's own click
+
     debug = os.environ.get("SW_ONNX_DEBUG") == "1"
     try:
-        app()
+        rc = app(args=argv, prog_name="sw-onnx", standalone_mode=False)
     except SwOnnxError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
+        _fail(str(e), e.hint, e.exit_code)
+    except click.exceptions.NoArgsIsHelpError as e:  # the help text was printed
         sys.exit(e.exit_code)
+    except click.ClickException as e:
+        if debug:
+            raise
+        ctx = getattr(e, "ctx", None)
+        command = ctx.command_path if ctx is not None else "sw-onnx"
+        _fail(e.format_message(), f"see {command} --help", e.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was published", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except MemoryError:
+        if debug:
+            raise
+        _fail("out of memory", "free memory, or run on a machine with more RAM", EXIT_MODEL)
+    except OSError as e:
+        if debug:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        _fail(f"I/O error: {e.strerror or e}{where}", "check the paths, permissions and free disk space", EXIT_OUTPUT)
     except Exception as e:
         if debug:
             raise
-        print(f"error: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        print("hint: set SW_ONNX_DEBUG=1 for the traceback, and please report it", file=sys.stderr)
-        sys.exit(1)
+        if type(e).__module__.startswith("onnxruntime"):
+            _fail(f"onnxruntime failed on this model: {type(e).__name__}: {e}",
+                  "check that the model runs in onnxruntime; sw-onnx needs it to", EXIT_MODEL)
+        _fail(f"internal error: {type(e).__name__}: {e}", "set SW_ONNX_DEBUG=1 for the traceback, and please report it",
+              EXIT_INTERNAL)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

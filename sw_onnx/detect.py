@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from sw_onnx.discover import LinearLayer, find_linear_layers, find_residual_chain
+from sw_onnx.discover import LinearLayer, find_linear_layers, find_residual_chain, require_float_model
 from sw_onnx.errors import UnsupportedGraphError
 from sw_onnx.inputs import build_feeds
-from sw_onnx.io import create_session
+from sw_onnx.io import create_session, ort_value
 from sw_onnx.passes.ablate import scaled_initializers
 from sw_onnx.passes.instrument import InstrumentLinearStatsPass, stat_output_name
 
@@ -148,6 +148,7 @@ class Detector:
 
     def __init__(self, model: ir.Model, config: DetectConfig | None = None):
         self.config = config or DetectConfig()
+        require_float_model(model)  # AlreadyQuantizedError: QDQ weights, MatMulNBits, QLinear ops
         self.layers, self.skipped = find_linear_layers(model)
         if not self.layers:
             raise UnsupportedGraphError(
@@ -182,9 +183,11 @@ class Detector:
 
     def run_pass(self, token_ids: np.ndarray, overrides: dict[str, np.ndarray]) -> _Pass:
         if self._session is None:
-            self._session = create_session(self.model, providers=self.config.providers)
+            # Weights fed from memory maps whose pages are dropped during the run: memory stays at the
+            # working set, not the model's size (bench/large_model.py).
+            self._session = create_session(self.model, providers=self.config.providers, stream_weights=True)
         feeds = build_feeds(self._session, token_ids)
-        feeds.update(overrides)
+        feeds.update({name: ort_value(array) for name, array in overrides.items()})  # bf16 too
         values = dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
 
         def per(kind, keys):

@@ -234,3 +234,52 @@ def _next_residual_add(value: ir.Value, depth: int = 3) -> ir.Node | None:
                     following.append(node.outputs[0])
         frontier = following
     return None
+
+
+# Ops that only appear in quantized graphs (default and com.microsoft domains).
+_QUANTIZED_OPS = {
+    "MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul",
+    "QLinearConv", "ConvInteger", "QGemm", "QAttention", "QOrderedMatMul", "GatherBlockQuantized",
+    "MatMulBnb4", "DynamicQuantizeLSTM",
+}
+
+
+def find_quantized_nodes(model: ir.Model) -> dict[str, int]:
+    """What makes a model already quantized: ``{kind: count}``, empty for a float model.
+
+    Kinds: quantized ops (MatMulNBits, QLinearMatMul, MatMulInteger, ...) by op type, and
+    ``"DequantizeLinear -> MatMul"`` for QDQ weights (a DequantizeLinear of a constant feeding a MatMul/Gemm,
+    possibly through Transpose/Reshape/Cast).
+    """
+    found: dict[str, int] = {}
+    for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
+        if node.op_type in _QUANTIZED_OPS or node.op_type.startswith("QLinear"):
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+        elif node.op_type == "DequantizeLinear" and node.inputs and node.inputs[0] is not None \
+                and node.inputs[0].const_value is not None:
+            frontier, hops = [node.outputs[0]], 0
+            while frontier and hops < 4:
+                users = [use.node for v in frontier for use in v.uses()]
+                if any(u.op_type in ("MatMul", "Gemm", "FusedMatMul") for u in users):
+                    found["DequantizeLinear -> MatMul"] = found.get("DequantizeLinear -> MatMul", 0) + 1
+                    break
+                frontier = [u.outputs[0] for u in users if u.op_type in _PASS_THROUGH_OPS and u.outputs]
+                hops += 1
+    return found
+
+
+def require_float_model(model: ir.Model) -> None:
+    """Refuse an already quantized model: detection and quantization work on float weights.
+
+    Raises:
+        AlreadyQuantizedError: the model holds quantized weights or ops (`find_quantized_nodes`).
+    """
+    from sw_onnx.errors import AlreadyQuantizedError
+
+    found = find_quantized_nodes(model)
+    if found:
+        what = ", ".join(f"{count} {kind}" for kind, count in sorted(found.items()))
+        raise AlreadyQuantizedError(
+            f"the model is already quantized ({what}); sw-onnx detects and quantizes float models",
+            hint="run it on the original fp32/fp16/bf16 model",
+        )

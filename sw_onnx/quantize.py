@@ -83,7 +83,12 @@ class QuantizeConfig:
 
     Attributes:
         bits: 4 or 8.
-        block_size: weights per block along K: a power of two >= 16 (so onnxruntime fuses it).
+        block_size: weights per block along K: a power of two >= 16 (so onnxruntime fuses it), or 0 for
+            per-channel (one scale per output channel over all of K: DequantizeLinear ``axis=1``, which
+            onnxruntime also fuses; ``--format nbits`` writes it as one block of the next power of two >= K).
+            A block larger than a layer's K is accepted and gives one block per column for that layer (the
+            same numbers as per-channel, written with the block size as given, as onnxruntime's quantizer
+            does), so one size fits models whose layers differ in K.
         symmetric: signed codes, scale ``m / -2**(bits-1)``, no zero point; else asymmetric with one.
         clip: ``"none"`` (min-max round-to-nearest, as onnxruntime), ``"zscore"`` (clamp ``|w|`` at
             ``mean + z*std`` per block, the paper's Eq. 2) or ``"mse"`` (w^2-weighted error search).
@@ -102,11 +107,20 @@ class QuantizeConfig:
         sensitive_input_ratio: nbits only: a layer whose input has a channel (max |x| over the prompt) or,
             at its peak token, an entry this many times above the median carries a super activation and
             gets accuracy_level 1 (fp32 activations); the others get 4 (int8 activations).
+        activations: ``"none"`` (weight-only) or ``"int8"``: W8A8 QDQ, int8 per-channel weights and int8
+            per-tensor static activation scales (`sw_onnx.passes.activations`; needs ``bits=8``).
+        calib_text: UTF-8 text whose first 2,048 tokens calibrate the activation ranges and the
+            super-activation channels (None: the detection prompt, data-free).
+        sa_keep_out: keep super-activation entries out of activation quantization. int4/int8 weight-only:
+            their input channels leave the MatMul (and its int8 activation blocks at accuracy_level 4) and
+            come back exactly, with their weight rows in float, on a side path (SmolLM2-135M int4 b32:
+            35.52 vs 37.46 without; docs/activation_quant.md). W8A8: replaced by the median before
+            quantization and restored exactly after (paper Eq. 1); off is the naive W8A8.
     """
 
     bits: int = 4
     block_size: int = 32
-    symmetric: bool = True
+    symmetric: bool = False
     clip: str = "mse"
     zscore: float | None = None
     keep: str = "auto"
@@ -118,14 +132,18 @@ class QuantizeConfig:
     providers: tuple[str, ...] | None = None
     min_top1_agreement: float | None = None
     sensitive_input_ratio: float = 100.0
+    activations: str = "none"
+    calib_text: str | None = None
+    sa_keep_out: bool = True
 
     def validate(self) -> None:
         """Raise `UsageError` on a bad value or combination (nothing is silently overridden)."""
         if self.bits not in (4, 8):
             raise UsageError(f"--bits {self.bits}: use 4 or 8")
         bs = self.block_size
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
-            raise UsageError(f"--block-size {bs}: use a power of two >= 16 (what MatMulNBits accepts)")
+        if isinstance(bs, bool) or not isinstance(bs, int) or (bs != 0 and (bs < 16 or bs & (bs - 1))):
+            raise UsageError(f"--block-size {bs}: use a power of two >= 16 (what MatMulNBits accepts), "
+                             "or 0 for per-channel")
         if self.clip not in CLIP_MODES:
             raise UsageError(f"--clip {self.clip}: use one of {', '.join(CLIP_MODES)} (zscore:Z sets z)")
         if self.zscore is not None and (self.clip != "zscore" or not math.isfinite(self.zscore) or self.zscore < 0):
@@ -136,6 +154,13 @@ class QuantizeConfig:
             raise UsageError("--keep: use auto, none or the path of a sw-onnx detect --json report")
         if self.min_top1_agreement is not None and not 0 <= self.min_top1_agreement <= 1:
             raise UsageError(f"min_top1_agreement {self.min_top1_agreement}: a fraction in [0, 1]")
+        if self.activations not in ("none", "int8"):
+            raise UsageError(f"--activations {self.activations}: use none or int8")
+        if self.activations == "int8" and (self.bits != 8 or self.format != "qdq"):
+            raise UsageError("--activations int8 is W8A8 QDQ: it needs --bits 8 and --format qdq",
+                             hint="sw-onnx quantize MODEL --bits 8 --activations int8")
+        if self.calib_text is not None and self.activations == "none" and not self.sa_keep_out:
+            raise UsageError("--calib-text is only used by --activations int8 or --sa-keep-out")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -224,12 +249,16 @@ class QuantizeSummary:
 
 
 def default_output_path(input_path: str | os.PathLike, config: QuantizeConfig) -> Path:
-    """``<stem>.<u?int><bits>-b<block>[-nbits].onnx`` beside the input, e.g. ``model.int4-b32.onnx``."""
+    """``<stem>.<u?int><bits>-<b<block>|pc>[-nbits].onnx`` beside the input, e.g. ``model.uint4-b32.onnx``
+    (``pc``: per-channel)."""
     from sw_onnx.io import resolve_model_path
 
     src = resolve_model_path(input_path)
-    kind = f"{'int' if config.symmetric else 'uint'}{config.bits}-b{config.block_size}"
+    block = f"b{config.block_size}" if config.block_size else "pc"
+    kind = f"{'int' if config.symmetric else 'uint'}{config.bits}-{block}"
     suffix = "-nbits" if config.format == "nbits" else ""
+    if config.activations == "int8":
+        kind, suffix = "w8a8", ""
     return src.with_name(f"{src.stem}.{kind}{suffix}.onnx")
 
 
@@ -261,7 +290,7 @@ def quantize_model(
     Example:
         >>> summary = quantize_model("model.onnx", config=QuantizeConfig(keep="none"))  # doctest: +SKIP
         >>> summary.output_path  # doctest: +SKIP
-        'model.int4-b32.onnx'
+        'model.uint4-b32.onnx'
     """
     import onnx_ir as ir
 
@@ -275,6 +304,7 @@ def quantize_model(
     src = resolve_model_path(input_path)
     out = Path(output_path) if output_path is not None else default_output_path(src, config)
     _check_output(src, out, config)
+    input_sha256 = _Sha256InBackground(src)  # hashing a large inline model overlaps the work below
 
     token_ids, _ = _token_ids(src)
     t0 = time.perf_counter()
@@ -288,6 +318,9 @@ def quantize_model(
 
     say(f"loading {src}")
     model = load_model(src)
+    from sw_onnx.discover import require_float_model
+
+    require_float_model(model)  # "already quantized": refused
     input_external = _has_external_data(model)
     input_bytes = _model_bytes(src, model)
     keep = _validate_keep(model, keep_records, config.keep)
@@ -298,6 +331,14 @@ def quantize_model(
         t_sens = time.perf_counter()
         accuracy_levels = _sensitive_layers(src, token_ids, config, keep_records)
         detect_seconds += time.perf_counter() - t_sens
+    ranges = None
+    if config.activations != "none" or config.sa_keep_out:  # sw_onnx.passes.activations
+        from sw_onnx.passes.activations import calibrate_for_quantize
+
+        say("calibrating linear-layer inputs (super-activation entries, activation ranges)")
+        t_cal = time.perf_counter()
+        ranges = calibrate_for_quantize(src, token_ids, calib_text=config.calib_text, providers=config.providers)
+        detect_seconds += time.perf_counter() - t_cal
 
     t1 = time.perf_counter()
     upgrade = UpgradeOpsetPass(QDQ_MIN_OPSET)
@@ -309,12 +350,30 @@ def quantize_model(
             raise UnsupportedGraphError(str(e), hint="try --format nbits, which needs no opset change") from e
         if upgrade.method != "unchanged":
             say(f"opset {from_opset} -> {QDQ_MIN_OPSET} ({upgrade.method})")
-    qpass = QuantizeWeightsPass(
-        bits=config.bits, block_size=config.block_size, symmetric=config.symmetric, clip=config.clip,
-        zscore=config.zscore, keep=keep, exclude=config.exclude, include_lm_head=config.include_lm_head,
-        format=config.format, accuracy_levels=accuracy_levels,
-    )
+    sa_pass = None
+    if config.activations == "int8":
+        from sw_onnx.passes.activations import QuantizeW8A8Pass
+
+        qpass = QuantizeW8A8Pass(ranges, handle_super_activations=config.sa_keep_out, symmetric=config.symmetric,
+                                 clip=config.clip, zscore=config.zscore, keep=keep, exclude=config.exclude,
+                                 include_lm_head=config.include_lm_head)
+    else:
+        if config.sa_keep_out:
+            from sw_onnx.passes.activations import KeepOutActivationChannelsPass, channels_by_node
+
+            sa_pass = KeepOutActivationChannelsPass(channels_by_node(ranges), exclude=config.exclude,
+                                                    include_lm_head=config.include_lm_head)
+            sa_pass(model)
+            keep = sa_pass.uncovered(keep, model)
+        qpass = QuantizeWeightsPass(
+            bits=config.bits, block_size=config.block_size, symmetric=config.symmetric, clip=config.clip,
+            zscore=config.zscore, keep=keep, exclude=config.exclude, include_lm_head=config.include_lm_head,
+            format=config.format, accuracy_levels=accuracy_levels,
+            structure=upgrade.structure if sa_pass is None else None,  # still the graph as it is
+        )
     qpass(model)
+    if sa_pass is not None:
+        sa_pass.annotate(qpass.decisions)
     decisions = qpass.decisions
     quantized = [d for d in decisions if d.action == "quantized"]
     if not quantized:
@@ -330,7 +389,7 @@ def quantize_model(
         opset={"from": from_opset, "to": model.opset_imports.get(""), "method": upgrade.method},
         keep_source=config.keep, kept=keep_records,
         unused_keep=[{"initializer": n, "index": list(i)} for n, i in qpass.unused_keep],
-        layers=decisions, input_bytes=input_bytes, input_sha256=_sha256(src),
+        layers=decisions, input_bytes=input_bytes, input_sha256=input_sha256.result(),
     )
     model.metadata_props["sw_onnx.quantize"] = json.dumps(
         {"tool_version": __version__, "config": config.to_dict(), "kept_out": sum(len(d.kept) for d in quantized),
@@ -345,7 +404,8 @@ def quantize_model(
         say(f"quantizing {len(quantized)} of {len(decisions)} linear layers and writing")
         save_model(model, tmp, external_data=external)
         del model, qpass, upgrade
-        gc.collect()  # the graph's node/value cycles hold the source weights
+        if config.verify:
+            gc.collect()  # the graph's node/value cycles hold the source weights; free them before sessions
         summary.seconds["rewrite_and_save"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         if config.verify:
@@ -353,7 +413,7 @@ def quantize_model(
 
             say("verifying: onnx checker, onnxruntime fusion, logits vs the original")
             result = verify_quantized(
-                tmp, src, [d.quantized_node for d in quantized], token_ids,
+                tmp, src, [d.quantized_node for d in quantized] if config.activations == "none" else [], token_ids,
                 providers=config.providers, min_top1_agreement=config.min_top1_agreement,
             )
             summary.verification = result.to_dict()
@@ -386,11 +446,15 @@ def _check_output(src: Path, out: Path, config: QuantizeConfig) -> None:
     if out.resolve() == src.resolve() or _data_path(out).resolve() == src.resolve():
         raise UsageError(f"-o {out}: would overwrite the input", hint="choose another output name")
     if not out.parent.is_dir():
-        raise UsageError(f"-o {out}: folder {out.parent} does not exist")
+        what = "is not a folder" if out.parent.exists() else "does not exist"
+        raise UsageError(f"-o {out}: folder {out.parent} {what}", hint="create it, or write somewhere else")
     if out.exists() and not config.force:
         raise UsageError(f"{out} already exists", hint="pass --force to overwrite it")
     data = _data_path(out).resolve()
-    for location in _external_locations(src):
+    # Only an existing file in the input's folder can be the input's external data; parsing the input (all
+    # of it, for an inline model) is needed only then.
+    maybe_input_data = data.is_file() and data.is_relative_to(src.parent.resolve())
+    for location in (_external_locations(src) if maybe_input_data else ()):
         if location == data:
             raise UsageError(f"-o {out}: its weights file {data.name} is the input's external data",
                              hint="choose another output name")
@@ -417,12 +481,13 @@ def _external_locations(src: Path) -> set[Path]:
 
 
 def _publish(tmp: Path, out: Path, external: bool) -> None:
-    """Move the verified files into place: weights first, then the .onnx that names them."""
+    """Move the verified files into place: weights first, then the .onnx that names them (all or nothing:
+    `sw_onnx.io.publish` restores a previous output if a rename fails)."""
+    from sw_onnx.io import publish
+
     tmp_data = _data_path(tmp)
-    if tmp_data.exists():
-        os.replace(tmp_data, _data_path(out))
-    os.replace(tmp, out)
-    if not tmp_data.exists() and not external and _data_path(out).exists():
+    publish(([(tmp_data, _data_path(out))] if tmp_data.exists() else []) + [(tmp, out)])
+    if not external and _data_path(out).exists():
         # A previous (--force-overwritten) output's weights file: nothing refers to it now.
         _data_path(out).unlink()
 
@@ -562,6 +627,27 @@ def _file_bytes(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+class _Sha256InBackground:
+    """`_sha256` of a file computed on a thread (hashlib and file reads release the GIL)."""
+
+    def __init__(self, path: Path):
+        import threading
+
+        self.path, self._value = path, None
+        self._thread = threading.Thread(target=self._run, name="sw-onnx-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = _sha256(self.path)
+        except OSError:
+            self._value = None
+
+    def result(self) -> str:
+        self._thread.join()
+        return self._value if self._value is not None else _sha256(self.path)
 
 
 def _sha256(path: Path) -> str:

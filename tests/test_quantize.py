@@ -127,13 +127,97 @@ def test_opset_plain_bump_when_the_graph_stays_valid(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-channel and blocks larger than K
+
+
+def _codes(model: onnx.ModelProto, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """The int4/uint4 (unpacked) or int8/uint8 codes of initializer `name`."""
+    (t,) = [t for t in model.graph.initializer if t.name == name]
+    if t.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        flat = unpack_int4_low_first(np.frombuffer(t.raw_data, np.uint8), int(np.prod(shape)), signed=t.data_type == TensorProto.INT4)
+        return flat.reshape(shape)
+    return numpy_helper.to_array(t)
+
+
+def _dq_attributes(model: onnx.ModelProto) -> list[dict]:
+    return [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in model.graph.node if n.op_type == "DequantizeLinear"]
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, False), (8, True), (8, False)])
+def test_per_channel_is_dequantizelinear_axis_1_and_fuses(samples, tmp_path, bits, symmetric):
+    sample = samples["optimum"]
+    out = tmp_path / "q.onnx"
+    config = QuantizeConfig(bits=bits, block_size=0, symmetric=symmetric, keep="none", include_lm_head=True, sa_keep_out=False)
+    summary = quantize_model(sample.path, out, config)
+    v = summary.verification
+    assert v["passed"] and v["matmulnbits"] == v["expected_fused"] == 29 and v["dequantize_linear"] == 0
+    assert all("per-channel" in d.reason for d in summary.quantized)
+    model = onnx.load(str(out))
+    assert _dq_attributes(model) == [{"axis": 1}] * 29
+    # The stored codes, scales and zero points are the kernel's per-channel output.
+    d = next(d for d in summary.quantized if d.node == "/model/layers.1/mlp/down_proj/MatMul")
+    w = numpy_helper.to_array({t.name: t for t in onnx.load(str(sample.path)).graph.initializer}[d.initializer])
+    ref = quantize_blockwise(w, bits=bits, block_size=None, symmetric=symmetric, clip="mse")
+    prefix = f"{d.node}/sw_onnx_q/"
+    np.testing.assert_array_equal(_codes(model, prefix + "weight", (d.k, d.n)), ref.q)
+    np.testing.assert_array_equal(_init(model, prefix + "scale"), ref.scale[0])  # [N]
+    if not symmetric:
+        np.testing.assert_array_equal(_codes(model, prefix + "zero_point", (d.n,)), ref.zero_point[0])
+    assert default_output_path(sample.path, config).name == f"model.{'int' if symmetric else 'uint'}{bits}-pc.onnx"
+
+
+def test_per_channel_nbits_is_one_block_of_the_next_power_of_two(samples, tmp_path):
+    sample = samples["optimum"]
+    out = tmp_path / "q.onnx"
+    config = QuantizeConfig(block_size=0, format="nbits", keep="none", sa_keep_out=False)
+    summary = quantize_model(sample.path, out, config)
+    assert summary.verification["passed"]
+    blocks = {}
+    for node in onnx.load(str(out)).graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            blocks[attrs["K"]] = attrs["block_size"]
+    assert blocks == {64: 64, 192: 256}
+
+
+def test_block_larger_than_k_gives_the_per_channel_numbers_and_fuses(samples, tmp_path):
+    """Decision: a block size above a layer's K is accepted (no error, no clamping of the attribute): one
+    padded block per column, the same codes and scales as per-channel, block_size kept as given."""
+    sample = samples["optimum"]
+    outs = {}
+    for block in (256, 0):
+        outs[block] = tmp_path / f"b{block}.onnx"
+        summary = quantize_model(sample.path, outs[block], QuantizeConfig(block_size=block, keep="none", include_lm_head=True,
+                                                                          sa_keep_out=False))
+        v = summary.verification
+        assert v["passed"] and v["matmulnbits"] == 29 and v["dequantize_linear"] == 0
+    big, per_channel = onnx.load(str(outs[256])), onnx.load(str(outs[0]))
+    assert _dq_attributes(big) == [{"axis": 0, "block_size": 256}] * 29
+    for d in summary.quantized:
+        prefix = f"{d.node}/sw_onnx_q/"
+        np.testing.assert_array_equal(_codes(big, prefix + "weight", (d.k, d.n)), _codes(per_channel, prefix + "weight", (d.k, d.n)))
+        np.testing.assert_array_equal(_init(big, prefix + "scale"), _init(per_channel, prefix + "scale")[None])  # [1, N]
+
+
+@pytest.mark.parametrize("block_size", [8, 24, 48, -32, True])
+def test_block_size_must_be_a_power_of_two_from_16_or_0(block_size):
+    with pytest.raises(UsageError, match="--block-size"):
+        QuantizeConfig(block_size=block_size).validate()
+    with pytest.raises(ValueError, match="block_size"):
+        QuantizeWeightsPass(block_size=block_size)
+
+
+# ---------------------------------------------------------------------------------------------
 # Keep-out
 
 
 def test_kept_out_weight_is_exact_on_the_side_path_and_zero_in_int4(samples, tmp_path):
     sample = samples["optimum"]
     out = tmp_path / "q.onnx"
-    config = QuantizeConfig(keep=_keep(sample), block_size=32, clip="mse", symmetric=False, verify=False)
+    # sa_keep_out off: with it, the planted spike's input channel (and so the super weights' row) leaves the
+    # MatMul on its own float side path, and there is nothing left to keep out of the int4 weight.
+    config = QuantizeConfig(keep=_keep(sample), block_size=32, clip="mse", symmetric=False, verify=False,
+                            sa_keep_out=False)
     summary = quantize_model(sample.path, out, config)
     (down,) = [d for d in summary.quantized if d.kept]
     assert sorted(tuple(k["index"]) for k in down.kept) == sorted(s.index for s in sample.super_weights)
@@ -167,7 +251,7 @@ def test_keep_out_brings_logits_closer_to_fp32(samples, tmp_path):
     errors = {}
     for name, keep in (("kept", _keep(sample)), ("none", "none")):
         out = tmp_path / f"{name}.onnx"
-        config = QuantizeConfig(keep=keep, block_size=256, clip="none", exclude=others, verify=False)
+        config = QuantizeConfig(keep=keep, block_size=256, clip="none", exclude=others, verify=False, sa_keep_out=False)
         assert len(quantize_model(sample.path, out, config).quantized) == 1
         errors[name] = float(np.abs(_logits(sample, out) - ref).mean())
     assert errors["kept"] < 0.85 * errors["none"], errors
@@ -260,7 +344,7 @@ def test_input_bytes_unchanged(samples, tmp_path):
 
 def test_cli_bare_writes_named_file_then_refuses_to_overwrite(samples, tmp_path, monkeypatch, capsys):
     sample = build_sample_model("optimum", tmp_path)
-    expected = sample.path.with_name("model.int4-b32.onnx")
+    expected = sample.path.with_name("model.uint4-b32.onnx")
     assert default_output_path(sample.path, QuantizeConfig()) == expected
     assert _cli(monkeypatch, "quantize", sample.path) == 0
     assert expected.is_file() and "wrote" in capsys.readouterr().out
@@ -288,3 +372,21 @@ def test_cli_json_summary_fields(samples, tmp_path, monkeypatch):
     assert len(data["keep"]["super_weights"]) == 1 and len(data["layers"]) == 29
     layer = data["layers"][0]
     assert {"node", "action", "reason", "form", "kept", "quantized_bytes"} <= set(layer)
+
+
+def test_cli_block_size_0_is_per_channel(samples, tmp_path, monkeypatch, capsys):
+    sample = samples["optimum"]
+    out = tmp_path / "q.onnx"
+    assert _cli(monkeypatch, "quantize", sample.path, "-o", out, "--block-size", "0", "--keep", "none", "--no-verify") == 0
+    assert "per-channel" in capsys.readouterr().out
+    assert {"axis": 1} in _dq_attributes(onnx.load(str(out)))
+    assert _cli(monkeypatch, "quantize", sample.path, "-o", out, "--force", "--block-size", "24") == 2
+    assert "--block-size 24" in capsys.readouterr().err
+
+
+def test_output_whose_weights_file_is_the_inputs_external_data_is_refused(tmp_path):
+    sample = build_sample_model("external", tmp_path)
+    other = sample.path.with_name("in.onnx")  # reads model.onnx.data too
+    other.write_bytes(sample.path.read_bytes())
+    with pytest.raises(UsageError, match="is the input's external data"):
+        quantize_model(other, sample.path, QuantizeConfig(keep="none", force=True))

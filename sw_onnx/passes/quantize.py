@@ -12,6 +12,11 @@ Two passes and their helpers:
   ``format="qdq"`` (standard ONNX, opset >= 21)::
 
       y = MatMul(x, DequantizeLinear(Wq [K, N], scale [ceil(K/B), N], zero_point, axis=0, block_size=B))
+      y = MatMul(x, DequantizeLinear(Wq [K, N], scale [N], zero_point [N], axis=1))      # per-channel
+
+  onnxruntime fuses both (per-channel too, for int4/uint4/int8/uint8: it re-blocks the weight along K).
+  A block size above a layer's K gives one block per column, the same numbers as per-channel; it is
+  written as given (``block_size=B``, one padded block), as onnxruntime's own quantizer does.
 
   onnxruntime fuses this at session load (EXTENDED level). With 2-D activations a following non-constant
   ``Add`` would first turn the MatMul into a Gemm and block that fusion, so such layers are lifted to 3-D
@@ -52,15 +57,21 @@ __all__ = [
     "FORMATS",
     "QDQ_MIN_OPSET",
     "KeepCoordinate",
+    "PER_CHANNEL",
     "LayerDecision",
     "QuantizeWeightsPass",
     "UpgradeOpsetPass",
+    "block_label",
+    "kernel_block_size",
     "find_lm_head",
     "structure_proto",
     "value_types",
 ]
 
 logger = logging.getLogger(__name__)
+
+PER_CHANNEL = 0
+"""``block_size`` value meaning one scale per output channel (DequantizeLinear ``axis=1``)."""
 
 QDQ_MIN_OPSET = 21
 """``DequantizeLinear`` takes ``block_size`` and int4/uint4 from opset 21 (IR version 10)."""
@@ -148,13 +159,18 @@ def structure_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def value_types(model: ir.Model) -> dict[str, tuple[int, int | None]]:
+def value_types(model: ir.Model, structure: onnx.ModelProto | None = None) -> dict[str, tuple[int, int | None]]:
     """``{value name: (ONNX element type, rank or None)}`` from ONNX shape inference on `structure_proto`.
+
+    Args:
+        structure: `structure_proto` of the model as it is now, if one is at hand (serializing a large graph
+            again costs about half a second per 10,000 nodes).
 
     Returns what inference could tell (possibly nothing, e.g. for graphs with unknown custom ops).
     """
     try:
-        inferred = onnx.shape_inference.infer_shapes(structure_proto(model), strict_mode=False)
+        proto = structure if structure is not None else structure_proto(model)
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
     except Exception as e:  # inference is a hint only
         logger.info("shape inference failed (%s); activation ranks unknown", e)
         return {}
@@ -185,6 +201,8 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
         method: after a call: ``"unchanged"`` (already there), ``"bumped"`` or ``"version_converter"``.
         from_opset: the opset before the call.
         check_message: the checker's complaint that made the converter necessary, or "".
+        structure: after a call that changed the opset, the model's `structure_proto` at the new opset (for
+            `value_types`, as long as the graph is not changed further), else None.
 
     Raises:
         PreconditionError: the converted graph still fails the checker, or the conversion fails.
@@ -196,10 +214,12 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
         self.method = "unchanged"
         self.from_opset: int | None = None
         self.check_message = ""
+        self.structure: onnx.ModelProto | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         current = model.opset_imports.get("", None)
         self.from_opset = current
+        self.structure = None
         if current is not None and current >= self.target:
             self.method = "unchanged"
             return ir.passes.PassResult(model, modified=False)
@@ -213,6 +233,7 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
             model.opset_imports[""] = self.target
             model.ir_version = max(model.ir_version or 0, INT4_MIN_IR_VERSION)
             self.method = "bumped"
+            self.structure = bumped
             return ir.passes.PassResult(model, modified=True)
         logger.info("opset %s -> %s: plain bump rejected (%s); using onnx.version_converter", current, self.target, self.check_message)
         try:
@@ -297,12 +318,14 @@ class _Plan:
 class QuantizeWeightsPass(ir.passes.InPlacePass):
     """Quantize linear-layer weights blockwise, keeping chosen weights exact on a fusable side path.
 
-    The defaults are `sw_onnx.quantize.QuantizeConfig`'s (symmetric int4, blocks of 32, ``clip="mse"``),
-    where the measurements behind them are.
+    The defaults are `sw_onnx.quantize.QuantizeConfig`'s (int4 with zero points, blocks of 32, ``clip="mse"``
+    over both range families), where the measurements behind them are.
 
     Attributes:
         bits: 4 or 8.
-        block_size: weights per block along K (power of two >= 16, what MatMulNBits accepts).
+        block_size: weights per block along K (power of two >= 16, what MatMulNBits accepts), or
+            `PER_CHANNEL` (0): one scale per output channel over all of K. A layer whose K is at most the
+            block size gets one block per column (the same numbers as per-channel).
         symmetric: signed codes, no zero point (scale ``m / -2**(bits-1)``); else uint codes + zero point.
         clip: ``"none"`` (min-max round-to-nearest), ``"zscore"`` or ``"mse"`` (see `sw_onnx.kernels`).
         zscore: z of ``clip="zscore"`` (None: the kernel's default).
@@ -315,7 +338,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             nodes not listed get `default_accuracy_level`.
         default_accuracy_level: nbits only, see above.
         activation_types: ``{value name: (ONNX elem type, rank)}`` hints (`value_types`), used for
-            activations without a declared type/shape; None computes them.
+            activations without a declared type/shape; None computes them when needed.
+        structure: the model's current `structure_proto` (e.g. `UpgradeOpsetPass.structure`), used when the
+            hints have to be computed; None serializes the graph for that.
         decisions: after a call, one `LayerDecision` per linear layer, in topological order.
         unused_keep: after a call, keep coordinates that matched no quantized layer.
     """
@@ -325,7 +350,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         *,
         bits: int = 4,
         block_size: int = 32,
-        symmetric: bool = True,
+        symmetric: bool = False,
         clip: ClipMode = "mse",
         zscore: float | None = None,
         keep: Iterable[KeepCoordinate] = (),
@@ -335,12 +360,14 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         accuracy_levels: Mapping[str, int] | None = None,
         default_accuracy_level: int = 4,
         activation_types: Mapping[str, tuple[int, int | None]] | None = None,
+        structure: onnx.ModelProto | None = None,
     ):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-        if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+        if (isinstance(block_size, bool) or not isinstance(block_size, int)
+                or (block_size != PER_CHANNEL and (block_size < 16 or block_size & (block_size - 1)))):
+            raise ValueError(f"block_size must be a power of two >= 16 or {PER_CHANNEL} (per-channel), got {block_size!r}")
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
         self.bits = bits
@@ -355,10 +382,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.accuracy_levels = dict(accuracy_levels or {})
         self.default_accuracy_level = default_accuracy_level
         self.activation_types = activation_types
+        self.structure = structure
         self.decisions: list[LayerDecision] = []
         self.unused_keep: list[KeepCoordinate] = []
         # Fail on bad clip options now, not at save time inside a lazy tensor.
-        quantize_blockwise(np.zeros((1, 1), np.float32), bits=bits, block_size=block_size, symmetric=symmetric,
+        quantize_blockwise(np.zeros((1, 1), np.float32), bits=bits, block_size=block_size or None, symmetric=symmetric,
                            clip=clip, zscore=zscore)
 
     def requires(self, model: ir.Model) -> None:
@@ -392,7 +420,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             keep_by_init.setdefault(name, []).append(index)
         types = self.activation_types
         if types is None and any(layer.input.shape is None or layer.input.dtype is None for layer in layers):
-            types = value_types(model)
+            types = value_types(model, self.structure)
         types = types or {}
         plans, decisions, used = [], [], set()
         for layer in layers:
@@ -447,7 +475,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
 
 def _describe(decision: LayerDecision, p: QuantizeWeightsPass, wrap: bool) -> str:
-    kind = f"{'int' if p.symmetric else 'uint'}{p.bits} b{p.block_size}"
+    kind = f"{'int' if p.symmetric else 'uint'}{p.bits} {block_label(p.block_size)}"
     parts = [kind, f"clip {p.clip}"]
     if decision.op_type == "Gemm":
         parts.append("Gemm rewritten as MatMul")
@@ -458,6 +486,22 @@ def _describe(decision: LayerDecision, p: QuantizeWeightsPass, wrap: bool) -> st
     if decision.accuracy_level is not None:
         parts.append(f"accuracy_level {decision.accuracy_level}")
     return ", ".join(parts)
+
+
+def block_label(block_size: int) -> str:
+    """``"b32"``, or ``"per-channel"`` for `PER_CHANNEL`."""
+    return "per-channel" if block_size == PER_CHANNEL else f"b{block_size}"
+
+
+def kernel_block_size(block_size: int, k: int, form: str) -> int:
+    """The kernel's block size for a layer of depth `k`: `block_size`, or for per-channel `k` (QDQ
+    ``axis=1``) or, for MatMulNBits written directly, the next power of two >= max(k, 16): one padded block
+    per column, the same codes and scales as per-channel."""
+    if block_size != PER_CHANNEL:
+        return block_size
+    if form != "nbits":
+        return k
+    return max(16, 1 << (k - 1).bit_length())
 
 
 def _itemsize(dtype: ir.DataType) -> int:
@@ -555,13 +599,16 @@ class _LayerQuantizer:
                 w = w * np.float32(self.alpha)
             keep = [(k, n) for k, n, _ in self.keep_kn] or None
             qw = quantize_blockwise(
-                w, bits=self.p.bits, block_size=self.p.block_size, symmetric=self.p.symmetric,
-                clip=self.p.clip, zscore=self.p.zscore, keep_out=keep,
+                w, bits=self.p.bits, block_size=kernel_block_size(self.p.block_size, w.shape[0], self.p.format),
+                symmetric=self.p.symmetric, clip=self.p.clip, zscore=self.p.zscore, keep_out=keep,
             )
             del w
             if self.p.format == "nbits":
                 b, scales, zp = to_matmulnbits(qw)
                 self._parts = {"B": b, "scales": scales, "zp": zp}
+            elif self.p.block_size == PER_CHANNEL:  # DequantizeLinear axis=1: scale and zero point [N]
+                zp = None if qw.zero_point is None else qw.zero_point[0]
+                self._parts = {"q": qw.q, "scale": qw.scale[0], "zp": zp}
             else:
                 self._parts = {"q": qw.q, "scale": qw.scale, "zp": qw.zero_point}
         array = self._parts[part]
@@ -595,8 +642,11 @@ class _Rewriter:
         prefix = f"{layer.name}/sw_onnx_q"
         if any(name.startswith(prefix + "/") for name in graph.initializers):  # two nodes share a name
             prefix = f"{layer.name}/sw_onnx_q{layer.position}"
-        k, n, bs, bits = layer.k, layer.n, p.block_size, p.bits
+        k, n, bits = layer.k, layer.n, p.bits
+        bs = kernel_block_size(p.block_size, k, p.format)
         nblocks = -(-k // bs)
+        per_channel_qdq = p.format == "qdq" and p.block_size == PER_CHANNEL
+        scale_shape = (n,) if per_channel_qdq else (nblocks, n)
         scale_np = _SCALE_NUMPY[plan.compute_dtype]
         asym = not p.symmetric
         x = node.inputs[0]
@@ -609,13 +659,14 @@ class _Rewriter:
             code_type = {(4, False): ir.DataType.INT4, (4, True): ir.DataType.UINT4,
                          (8, False): ir.DataType.INT8, (8, True): ir.DataType.UINT8}[(bits, asym)]
             tensors.append(self._lazy(f"{prefix}/weight", code_type, (k, n), lambda: _codes_tensor(lq.get("q"), code_type)))
-            tensors.append(self._lazy(f"{prefix}/scale", plan.compute_dtype, (nblocks, n),
+            tensors.append(self._lazy(f"{prefix}/scale", plan.compute_dtype, scale_shape,
                                       lambda: ir.Tensor(lq.get("scale").astype(scale_np))))
             if asym:
                 zp_type = ir.DataType.UINT4 if bits == 4 else ir.DataType.UINT8
-                tensors.append(self._lazy(f"{prefix}/zero_point", zp_type, (nblocks, n),
+                tensors.append(self._lazy(f"{prefix}/zero_point", zp_type, scale_shape,
                                           lambda: _codes_tensor(lq.get("zp"), zp_type)))
-            dq = ir.node("DequantizeLinear", tensors, {"axis": 0, "block_size": bs}, name=f"{prefix}/DequantizeLinear")
+            dq_attrs = {"axis": 1} if per_channel_qdq else {"axis": 0, "block_size": bs}
+            dq = ir.node("DequantizeLinear", tensors, dq_attrs, name=f"{prefix}/DequantizeLinear")
             dq.outputs[0].name = f"{prefix}/weight_dequantized"
             new_nodes.append(dq)
             a = x
