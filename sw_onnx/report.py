@@ -25,6 +25,7 @@ JSON schema `sw-onnx/detect`, version 1 (fields may be added; a rename or remova
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -153,6 +154,12 @@ def plot_detect(result: DetectResult, path: Path, *, layers) -> None:
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)  # atomic: a failed or interrupted write never leaves half a PNG
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
