@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prefill", type=int, default=128)
-    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=2, help="prefill + decode runs per process (medians over all)")
     parser.add_argument("--rounds", type=int, default=6, help="latency rounds, interleaved across the models")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for latency (0: its default)")
