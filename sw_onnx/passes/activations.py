@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -222,7 +221,7 @@ def calibrate_linear_inputs(
         _expose(graph, peak, out[2], ir.DataType.INT64, [1])
         _expose(graph, row, out[3], ir.DataType.FLOAT, [1, width])
         names[name] = out
-    session = create_session(model, providers=list(providers) if providers else None)
+    session = create_session(model, providers=list(providers) if providers else None, stream_weights=True)
     fetch = [n for out in names.values() for n in out]
     stats = {name: InputStats(value=name, nodes=[layer.name for layer in group], k=group[0].k,
                               absmax=np.zeros(group[0].k, np.float64)) for name, group in groups.items()}
