@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
     parser.add_argument("--repeats", type=int, default=3, help="runs per tool and model in the speed section")
     parser.add_argument("--skip-quality", action="store_true", help="only the speed and memory section")
+    parser.add_argument("--reuse-quality", action="store_true",
+                        help="with --skip-quality: keep the perplexity rows of the existing --json file")
     parser.add_argument("--markdown", default="docs/quantize_quality.md")
     parser.add_argument("--json", dest="json_path", default="docs/quantize_quality.json")
     args = parser.parse_args()
@@ -177,6 +179,11 @@ def main() -> None:
     started = time.time()
 
     rows = []
+    quality_date = time.strftime("%Y-%m-%d")
+    if args.skip_quality and args.reuse_quality and Path(args.json_path).is_file():
+        previous = json.loads(Path(args.json_path).read_text())
+        rows, quality_date = previous["rows"], previous.get("quality_date", previous.get("date", quality_date))
+        args.windows = previous.get("windows", args.windows)
     if not args.skip_quality:
         ids = wikitext_token_ids(load_tokenizer(src.parent), default_wikitext_path())
 
@@ -202,21 +209,23 @@ def main() -> None:
     speed = _speed(src, work, report, default, args.repeats, root)
     shutil.rmtree(work, ignore_errors=True)
 
-    text = _markdown(rows, speed, args, default, time.time() - started)
+    text = _markdown(rows, speed, args, default, time.time() - started, quality_date)
     print(text)
     Path(args.markdown).write_text(text)
     Path(args.json_path).write_text(json.dumps({"windows": args.windows, "default": default.to_dict(), "rows": rows,
-                                                "speed": speed, "date": time.strftime("%Y-%m-%d")}, indent=2))
+                                                "speed": speed, "quality_date": quality_date,
+                                                "date": time.strftime("%Y-%m-%d")}, indent=2))
 
 
-def _markdown(rows: list[dict], speed: list[dict], args, default, seconds: float) -> str:
+def _markdown(rows: list[dict], speed: list[dict], args, default, seconds: float, quality_date: str) -> str:
     import os
 
-    lines = [f"# int4/int8 quality and quantizer cost on SmolLM2-135M-Instruct", "",
+    lines = ["# int4/int8 quality and quantizer cost on SmolLM2-135M-Instruct", "",
              f"WikiText-2 perplexity ({args.windows} windows of 512 tokens, `sw_onnx.evaluate`), onnxruntime CPU "
-             f"default session (QDQ fused into MatMulNBits, accuracy_level 4), {time.strftime('%Y-%m-%d')}, "
+             f"default session (QDQ fused into MatMulNBits, accuracy_level 4), {quality_date}, "
              f"{os.cpu_count()} cores. Reproduce: `python bench/quantize_quality.py --windows {args.windows}` "
-             f"({seconds / 60:.0f} min here).", "",
+             f"(about an hour on 2 cores; `--skip-quality --reuse-quality` redoes only the time and memory "
+             f"section, {time.strftime('%Y-%m-%d')}).", "",
              f"sw-onnx default: `QuantizeConfig()` = {'symmetric' if default.symmetric else 'asymmetric'} "
              f"int{default.bits}, clip {default.clip}, keep auto, sa_keep_out {'on' if default.sa_keep_out else 'off'}, "
              f"lm_head float; each row changes only what it says. Same 210 layers quantized by both tools "

@@ -114,7 +114,7 @@ class QuantizeConfig:
         sa_keep_out: keep super-activation entries out of activation quantization. int4/int8 weight-only:
             their input channels leave the MatMul (and its int8 activation blocks at accuracy_level 4) and
             come back exactly, with their weight rows in float, on a side path (SmolLM2-135M int4 b32:
-            35.52 vs 37.46 without; docs/activation_quant.md). W8A8: replaced by the median before
+            35.52 vs 37.49 without; docs/activation_quant.md). W8A8: replaced by the median before
             quantization and restored exactly after (paper Eq. 1); off is the naive W8A8.
     """
 

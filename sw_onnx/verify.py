@@ -197,8 +197,8 @@ def _why_not_fused(name: str, nodes, consumers, by_name) -> str:
         if "FusedMatMul" in kinds:
             return "fused into FusedMatMul first (a Transpose or scaling around it)"
         if "MatMul" in kinds:
-            return ("DequantizeLinear -> MatMul left as is: check block_size (power of two >= 16), axis 0, "
-                    "rank-2 weight, unshared constant initializers, no Relu/Clip after it")
+            return ("DequantizeLinear -> MatMul left as is: check block_size (power of two >= 16) with axis 0, "
+                    "or axis 1 per-channel, rank-2 weight, unshared constant initializers, no Relu/Clip after it")
         return f"its DequantizeLinear feeds {', '.join(sorted(kinds))}"
     node = by_name.get(name)
     if node is not None:

@@ -22,7 +22,6 @@ from sw_onnx.passes.activations import (
     QuantizeW8A8Pass,
     calibrate_linear_inputs,
     calibration_windows,
-    channels_by_node,
     plan_input_ranges,
 )
 from sw_onnx.passes.quantize import QuantizeWeightsPass, UpgradeOpsetPass
@@ -140,7 +139,7 @@ def test_w8a8_restores_the_super_activation_exactly_eq1(tmp_path):
     w_hat = dequantize_blockwise(quantize_blockwise(w, bits=8, block_size=None, symmetric=True))
     expected = np.where(beyond, x, qdq).astype(np.float64) @ w_hat.astype(np.float64)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
-    # The naive pass clips 480 at the range? No: its range is the naive one, so everything else is coarse.
+    # The naive pass's range is the super activation's (500): everything else rounds coarsely.
     naive = ir.load(path)
     QuantizeW8A8Pass({"x": r}, handle_super_activations=False, include_lm_head=True, clip="none")(naive)
     ir.save(naive, tmp_path / "naive.onnx")
