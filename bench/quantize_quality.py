@@ -96,6 +96,8 @@ def _configs(blocks: list[int], report: str, default) -> list[tuple[str, str, di
         out.append((g, "sw", {"block_size": block, "keep": report}, "sw-onnx default"))
         out.append((g, "sw", {"block_size": block, "keep": "none"}, "sw-onnx default, keep-out off"))
         out.append((g, "sw", {"block_size": block, "keep": report, "sa_keep_out": False}, "sw-onnx default, sa_keep_out off"))
+        out.append((g, "sw", {"block_size": block, "keep": "none", "sa_keep_out": False},
+                    "sw-onnx default, sa_keep_out and keep-out off"))
         for clip in ("none", "zscore"):
             for keep in (report, "none"):
                 out.append((g, "sw", {"block_size": block, "keep": keep, "clip": clip},
@@ -235,14 +237,14 @@ def _markdown(rows: list[dict], speed: list[dict], args, default, seconds: float
         fp32 = next((r["ppl"] for r in rows if r["group"] == "fp32"), float("nan"))
         groups = [g for g in dict.fromkeys(r["group"] for r in rows) if g != "fp32"]
         heads = ["onnxruntime RTN sym", "onnxruntime RTN asym", "sw-onnx default", "sw-onnx default, keep-out off",
-                 "sw-onnx default, sa_keep_out off"]
+                 "sw-onnx default, sa_keep_out off", "sw-onnx default, sa_keep_out and keep-out off"]
         lines += ["## Summary", "", f"fp32: {fp32:.2f}. Lower is better; **bold**: best of the row.", "",
                   "| weights | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
         for g in groups:
             by = {r["name"]: r for r in ok if r["group"] == g}
             if g == "int8":
                 names = ["onnxruntime RTN sym b256 (its largest 8-bit block)", "onnxruntime RTN asym b256 (its largest 8-bit block)",
-                         "sw-onnx default, per-channel", None, "sw-onnx default, per-channel, sa_keep_out off"]
+                         "sw-onnx default, per-channel", None, "sw-onnx default, per-channel, sa_keep_out off", None]
                 label = "int8 (onnxruntime b256, sw-onnx per-channel)"
             else:
                 names, label = heads, g

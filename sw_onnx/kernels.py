@@ -53,8 +53,10 @@ MSE_MIN_FACTOR = 0.8
 factor below 0.85 on SmolLM2-135M at blocks of 32, 128 or 1024 (both range families), so the search stops at
 0.8: same choices, less than half the work."""
 
-SEARCH_THREADS: int | None = None
-"""Threads of the ``clip="mse"`` search (None: the CPUs this process may use, at most 8)."""
+SEARCH_THREADS: int | None = 1
+"""Threads of the ``clip="mse"`` search (None: the CPUs this process may use, at most 8). Default 1: on the
+2-core machine of the measurements two threads were slower (SmolLM2-135M, b32: 2.8 s vs 1.9 s, CPU time up
+40%): the numpy loops here are memory-bound and short, and the threads mostly contend."""
 
 _SEARCH_CHUNK = 1 << 18
 """Elements per chunk of the ``clip="mse"`` search (1 MiB per float32 work array): numpy's per-call
@@ -481,12 +483,13 @@ def _round_codes(
 ) -> np.ndarray:
     """``clip(rint(x / scale) + zp, qmin, qmax)`` as float32; a zero scale gives the zero point."""
     safe = np.where(scale != 0, scale, np.float32(1))
-    codes = np.rint(blocks / safe)
+    codes = np.divide(blocks, safe, dtype=np.float32)
+    np.rint(codes, out=codes)
     if not scale.all():  # underflowed scales: keep tiny weights at the zero point
         codes[np.broadcast_to(scale == 0, codes.shape)] = 0.0
     if zp is not None:
         codes += zp
-    return np.clip(codes, qmin, qmax, out=codes)
+    return _clip(codes, np.float32(qmin), np.float32(qmax), out=codes)
 
 
 def mse_factors(grid: int = DEFAULT_MSE_GRID) -> np.ndarray:
@@ -548,17 +551,17 @@ def _search_mse(
     def run(chunk: tuple[int, int]) -> None:
         r, c = chunk
         sl = (slice(r, r + rows), slice(None), slice(c, c + cols))
-        fam, idx = _search_chunk(blocks[sl], lo[sl], hi[sl], bits, families, weighting == "w2", factors)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # per thread
+            fam, idx = _search_chunk(blocks[sl], lo[sl], hi[sl], bits, families, weighting == "w2", factors)
         best_family[sl] = fam
         best_factor[sl] = idx
 
     threads = min(_search_threads(), len(chunks))
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        if threads > 1:
-            list(_executor(threads).map(run, chunks))
-        else:
-            for chunk in chunks:
-                run(chunk)
+    if threads > 1:
+        list(_executor(threads).map(run, chunks))
+    else:
+        for chunk in chunks:
+            run(chunk)
 
     f = factors[best_factor]
     scale, zp = _scale_zero_point(lo * f, hi * f, bits, symmetric)

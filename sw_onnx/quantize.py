@@ -59,27 +59,35 @@ _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 class QuantizeConfig:
     """Quantization settings, shared by the API and the CLI (defaults live here only).
 
-    The defaults are the best int4 measured on SmolLM2-135M (WikiText-2, 8 windows of 512, fp32 30.36,
-    onnxruntime 1.32 CPU running the fused MatMulNBits; lm_head float unless said):
+    The defaults are the best measured on SmolLM2-135M-Instruct (WikiText-2, 8 windows of 512, fp32 30.36;
+    onnxruntime 1.32 CPU, default session: the QDQ weights fused into MatMulNBits at accuracy_level 4; the
+    same 210 layers for both tools, lm_head float; ``python bench/quantize_quality.py``, all rows in
+    docs/quantize_quality.md). sw-onnx rows are the defaults except for what they name:
 
-    ==========================  =====  ======  ======  ==================================
-    int4 variant                b32    b64     b128    notes
-    ==========================  =====  ======  ======  ==================================
-    asym min-max (as ORT RTN)   38.96          41.83
-    asym, keep auto             39.35          41.76
-    asym, keep auto, mse        39.43          40.74
-    sym, min-max                37.80          (43.29 with keep)
-    sym, keep auto              37.82  39.84   43.29   zscore:6 37.82 (z=12 clips nothing)
-    **sym, keep auto, mse**     37.46          42.41   default: 5.0 bits per weight
-    asym b32 keep, lm_head q.   44.41                  the tied lm_head also adds 18 MB
-    ==========================  =====  ======  ======  ==================================
+    ==================================  =====  =====  =====  =====  =====  =====
+    int4 perplexity                     b32    b64    b128   b256   b512   b1024
+    ==================================  =====  =====  =====  =====  =====  =====
+    onnxruntime RTN, symmetric          37.64  39.78  43.26  45.00  47.83  49.59
+    onnxruntime RTN, asymmetric         39.18  40.93  41.85  43.30  46.82  47.78
+    clip none (asymmetric min-max)      36.66  38.58  39.74  41.58  45.49  47.16
+    symmetric (mse: symmetric range)    35.52  37.93  39.95  41.62  44.55  45.17
+    **default**                         34.87  37.64  38.04  41.37  44.32  45.06
+    default, sa_keep_out off            36.61  39.73  40.08  42.87  44.83  45.39
+    ==================================  =====  =====  =====  =====  =====  =====
 
-    So: symmetric int4 (full [-8, 7] range, scale ``m / -8``), blocks of 32, ``clip="mse"`` (w^2-weighted),
-    super weights kept out (``keep="auto"``: at blocks of 32 this changes perplexity within noise, but it
-    costs nothing and keeps the model's most important scalars exact; it matters at large blocks), lm_head
-    left float (quantizing it costs 5 perplexity points here, and a tied lm_head's float weight stays for
-    the embedding anyway). Activation precision made no difference on this model: the same QDQ file at
-    accuracy_level 1 vs the default 4 gave 38.99 vs 38.96 (asym b32).
+    int8: onnxruntime's 8-bit RTN only writes MatMulNBits with blocks up to 256: 31.21 (sym) / 30.82
+    (asym) at b256; sw-onnx per-channel (``block_size=0``) 30.54 (222 MB vs 250 MB), b256 30.80.
+
+    So: int4 with a zero point per block of 32 (5.125 bits per weight) and ``clip="mse"``: each block
+    takes, of the min-max range and the symmetric range (largest-magnitude weight on the end code, as
+    onnxruntime's symmetric RTN), each shrunk by 1, 0.975, ..., 0.8, the candidate of least w^2-weighted
+    squared error (`sw_onnx.kernels.quantize_blockwise`; the asymmetric format holds both, and about 60%
+    of SmolLM2's blocks pick min-max). Before, the default was symmetric with a 21-step shrink search of
+    the symmetric range only (the "symmetric" row, with the grid cut to what it ever chose); it and plain
+    asymmetric RTN both lose to the default at every block size. Super weights kept out
+    (``keep="auto"``; with ``sa_keep_out`` their input rows already leave the int4 weight, so it changes
+    nothing then, but it is what protects them without it). lm_head left float (quantizing it costs 5
+    perplexity points here, and a tied lm_head's float weight stays for the embedding anyway).
 
     Attributes:
         bits: 4 or 8.
@@ -89,9 +97,11 @@ class QuantizeConfig:
             A block larger than a layer's K is accepted and gives one block per column for that layer (the
             same numbers as per-channel, written with the block size as given, as onnxruntime's quantizer
             does), so one size fits models whose layers differ in K.
-        symmetric: signed codes, scale ``m / -2**(bits-1)``, no zero point; else asymmetric with one.
+        symmetric: signed codes, scale ``m / -2**(bits-1)``, no zero point; else unsigned codes with a zero
+            point per block (default: it holds both range shapes, see above).
         clip: ``"none"`` (min-max round-to-nearest, as onnxruntime), ``"zscore"`` (clamp ``|w|`` at
-            ``mean + z*std`` per block, the paper's Eq. 2) or ``"mse"`` (w^2-weighted error search).
+            ``mean + z*std`` per block, the paper's Eq. 2) or ``"mse"`` (w^2-weighted error search over
+            shrunk min-max and, when asymmetric, symmetric ranges).
         zscore: z for ``clip="zscore"`` (None: `sw_onnx.kernels.DEFAULT_ZSCORE`).
         keep: ``"auto"`` (run detection first), ``"none"``, or the path of a ``sw-onnx detect --json``
             report.
