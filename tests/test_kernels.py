@@ -410,19 +410,28 @@ def test_mse_search_finds_the_reference_optimum(k, block_size, bits, symmetric, 
         assert np.all(qw.scale >= 0)  # symmetric-family winners are stored with a positive scale
 
 
-def test_mse_search_does_not_depend_on_threads_or_chunking(monkeypatch):
+@pytest.mark.parametrize(("bits", "symmetric", "block_size"), [(4, False, 64), (4, True, 32), (8, False, None)])
+def test_mse_search_does_not_depend_on_threads_chunking_or_pruning(monkeypatch, bits, symmetric, block_size):
+    """The search skips candidates a lower bound rules out, gathers the blocks still in play, splits the
+    weight into chunks and may run them on threads: none of it may change a single code."""
     import sw_onnx.kernels as kernels
 
     w = _weight(512, 200, seed=21)
+    w[:, 7] *= 50  # columns of very different scales
+    w[100:164, 3] = 0.0
     results = []
-    for threads, chunk in ((1, 1 << 15), (2, 1 << 15), (3, 1 << 10), (1, 1 << 20)):
+    for threads, chunk, prune, compact in ((1, 1 << 18, False, 0.0), (1, 1 << 18, True, 0.3), (2, 1 << 15, True, 0.3),
+                                           (3, 1 << 10, True, 1.1), (1, 1 << 20, True, 0.0)):
         monkeypatch.setattr(kernels, "SEARCH_THREADS", threads)
         monkeypatch.setattr(kernels, "_SEARCH_CHUNK", chunk)
-        results.append(quantize_blockwise(w, bits=4, block_size=64, symmetric=False, clip="mse"))
+        monkeypatch.setattr(kernels, "_PRUNE", prune)
+        monkeypatch.setattr(kernels, "_COMPACT_BELOW", compact)
+        results.append(quantize_blockwise(w, bits=bits, block_size=block_size, symmetric=symmetric, clip="mse"))
     for qw in results[1:]:
         np.testing.assert_array_equal(qw.q, results[0].q)
         np.testing.assert_array_equal(qw.scale, results[0].scale)
-        np.testing.assert_array_equal(qw.zero_point, results[0].zero_point)
+        if not symmetric:
+            np.testing.assert_array_equal(qw.zero_point, results[0].zero_point)
 
 
 @pytest.mark.parametrize(("bits", "symmetric"), FORMATS)
