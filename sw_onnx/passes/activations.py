@@ -67,7 +67,7 @@ import onnx_ir as ir
 from sw_onnx.discover import LinearLayer, find_linear_layers
 from sw_onnx.kernels import ClipMode, dequantize_blockwise, quantize_blockwise
 from sw_onnx.passes.instrument import _append, _const, _expose
-from sw_onnx.passes.quantize import KeepCoordinate, LayerDecision, _initializer_to_effective, find_lm_head, value_types
+from sw_onnx.passes.quantize import KeepCoordinate, LayerDecision, _initializer_to_effective, find_lm_head, remove_orphans, value_types
 
 __all__ = [
     "CALIB_CONTEXT",
@@ -441,20 +441,6 @@ def _rewire_output(graph: ir.Graph, old: ir.Value, new: ir.Value, keep_user: ir.
         new.name = name
 
 
-def _remove_orphans(graph: ir.Graph, value: ir.Value | None) -> None:
-    """Remove a weight's Cast/Transpose chain and initializer once nothing reads them."""
-    while value is not None and not value.uses() and not value.is_graph_output():
-        producer = value.producer()
-        if producer is None:
-            if value.is_initializer() and not value.is_graph_input() and value.name in graph.initializers:
-                graph.initializers.pop(value.name)
-            return
-        if any(o.uses() or o.is_graph_output() for o in producer.outputs):
-            return
-        upstream = producer.inputs[0] if producer.inputs else None
-        graph.remove(producer, safe=True)
-        value = upstream
-
 
 def _keep_by_initializer(keep: Iterable[KeepCoordinate]) -> dict[str, list[tuple[int, ...]]]:
     found: dict[str, list[tuple[int, ...]]] = {}
@@ -634,7 +620,7 @@ class QuantizeW8A8Pass(ir.passes.InPlacePass):
         graph.remove(node, safe=True)
         old_out.name = None
         y.name = name
-        _remove_orphans(graph, old_weight)
+        remove_orphans(graph, old_weight)
         decision.form = "w8a8"
         decision.quantized_node = layer.name
         decision.quantized_bytes = int(qw.q.nbytes + qw.scale.nbytes + (qw.zero_point.nbytes if qw.zero_point is not None else 0))
@@ -810,5 +796,5 @@ class KeepOutActivationChannelsPass(ir.passes.InPlacePass):
         old = node.inputs[1]
         new = b.const(f"{layer.name}/sw_onnx_sa_keep_out/weight", w.T if chain.transposed else w)
         node.replace_input_with(1, new)
-        _remove_orphans(graph, old)
+        remove_orphans(graph, old)
         return "weight copied: its initializer has other readers"

@@ -743,22 +743,22 @@ class _Rewriter:
         old_out.name = None
         main.name = name
         decision.quantized_bytes = sum(_tensor_bytes(v.const_value) for v in tensors)
-        self._remove_orphans(old_weight_input)
+        remove_orphans(self.graph, old_weight_input)
 
-    def _remove_orphans(self, value: ir.Value | None) -> None:
-        """Remove the old weight's Cast/Transpose chain and initializer once nothing reads them."""
-        graph = self.graph
-        while value is not None and not value.uses() and not value.is_graph_output():
-            producer = value.producer()
-            if producer is None:
-                if value.is_initializer() and not value.is_graph_input() and value.name in graph.initializers:
-                    graph.initializers.pop(value.name)
-                return
-            upstream = producer.inputs[0] if producer.inputs else None
-            if any(o.uses() or o.is_graph_output() for o in producer.outputs):
-                return
-            graph.remove(producer, safe=True)
-            value = upstream
+
+def remove_orphans(graph: ir.Graph, value: ir.Value | None) -> None:
+    """Remove a replaced weight's Cast/Transpose chain and initializer once nothing reads them."""
+    while value is not None and not value.uses() and not value.is_graph_output():
+        producer = value.producer()
+        if producer is None:
+            if value.is_initializer() and not value.is_graph_input() and value.name in graph.initializers:
+                graph.initializers.pop(value.name)
+            return
+        if any(o.uses() or o.is_graph_output() for o in producer.outputs):
+            return
+        upstream = producer.inputs[0] if producer.inputs else None
+        graph.remove(producer, safe=True)
+        value = upstream
 
 
 def _codes_tensor(codes: np.ndarray, dtype: ir.DataType) -> ir.TensorProtocol:
