@@ -441,7 +441,6 @@ def _rewire_output(graph: ir.Graph, old: ir.Value, new: ir.Value, keep_user: ir.
         new.name = name
 
 
-
 def _keep_by_initializer(keep: Iterable[KeepCoordinate]) -> dict[str, list[tuple[int, ...]]]:
     found: dict[str, list[tuple[int, ...]]] = {}
     for name, index in keep:
