@@ -43,6 +43,10 @@ MIN_OPSET = 7
 # Initializers at least this large go to onnxruntime as in-memory OrtValues rather than protobuf bytes.
 _IN_MEMORY_THRESHOLD_BYTES = 1024
 _IN_MEMORY_LOCATION = "sw-onnx-in-memory.bin"  # never read: onnxruntime gets these bytes from memory
+# Inline models at least this large are read lazily (`sw_onnx.wire.inline_as_external`): their tensors of at
+# least _LAZY_INLINE_MIN_TENSOR_BYTES are mapped from the file instead of parsed.
+_LAZY_INLINE_MIN_FILE_BYTES = 8 << 20
+_LAZY_INLINE_MIN_TENSOR_BYTES = 1 << 16
 # Signatures of files people mistake for ONNX models: (prefix, what it is, what to do).
 _NOT_ONNX = (
     (b"GGUF", "a GGUF file", "export the model to ONNX first (e.g. optimum-cli export onnx)"),
@@ -222,7 +226,17 @@ def _load_ir(p: Path) -> ir.Model:
     import onnx
     from onnx_ir.external_data import set_base_dir
 
-    proto = onnx.load(str(p), format="protobuf", load_external_data=False)
+    proto = None
+    st = os.lstat(p)
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size >= _LAZY_INLINE_MIN_FILE_BYTES:
+        # Weights inline in the file: parse only the rest, and map the weights from the file like external data.
+        from sw_onnx.wire import inline_as_external
+
+        skeleton = inline_as_external(p, min_bytes=_LAZY_INLINE_MIN_TENSOR_BYTES)
+        if skeleton is not None:
+            proto = onnx.ModelProto.FromString(skeleton)
+    if proto is None:
+        proto = onnx.load(str(p), format="protobuf", load_external_data=False)
     _check_proto_strings(proto, p)
     ir_logger = logging.getLogger("onnx_ir")
     level = ir_logger.level
@@ -404,6 +418,19 @@ class _MappedOnDemand(ir.ExternalTensor):
         return array if dtype is None else array.astype(dtype)
 
 
+class _MappedInline(_MappedOnDemand):
+    """A weight stored inline in the .onnx file itself, mapped from there (`sw_onnx.wire.inline_as_external`):
+    external to onnxruntime and to memory, but part of the model file (saved inline, not as a data file)."""
+
+    __slots__ = ()
+
+
+def stores_weights_externally(model: ir.Model) -> bool:
+    """Whether the model's initializers live in a separate data file (not inline in its .onnx)."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) and not isinstance(v.const_value, _MappedInline)
+               for v in model.graph.initializers.values())
+
+
 def check_tensors(model: ir.Model, path: Path) -> None:
     """Validate every tensor's data reference (external) or size (inline), reading no external data.
 
@@ -414,6 +441,7 @@ def check_tensors(model: ir.Model, path: Path) -> None:
     """
     base = path.parent
     base_real = os.path.realpath(base)
+    model_real = os.path.realpath(path)
     files: dict[str, int] = {}  # real path -> size, each file checked once
     for tensor in iter_tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
@@ -421,7 +449,7 @@ def check_tensors(model: ir.Model, path: Path) -> None:
             real = _check_location(tensor, path, base_real, files)
             _check_extent(tensor, path, files[real])
             if type(tensor) is ir.ExternalTensor:
-                tensor.__class__ = _MappedOnDemand
+                tensor.__class__ = _MappedInline if real == model_real else _MappedOnDemand
         elif isinstance(tensor, ir.TensorProtoTensor):
             _check_inline(tensor, path)
 
@@ -617,17 +645,21 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
     if external_data is None:
         external_data = sum(_nbytes(t) for t in tensors) > 1_800_000_000
-    if not external_data and any(isinstance(t, ir.ExternalTensor) for t in tensors):
-        # Inline saving would keep references into the *input's* data file; write our own data file instead.
+    if not external_data and any(isinstance(t, ir.ExternalTensor) and not isinstance(t, _MappedInline) for t in tensors):
+        # The input kept its weights in a data file: so does the output (its own).
         external_data = True
     tmp_dir = None
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         tmp_model = tmp_dir / path.name
         data_name = f"{path.name}.data"
-        # 4096-aligned large tensors: onnxruntime can memory-map them instead of copying them to its heap.
-        ir.save(model, tmp_model, format="protobuf", external_data=data_name if external_data else None,
-                alignment=4096 if external_data else None)
+        if external_data:
+            # 4096-aligned large tensors: onnxruntime can memory-map them instead of copying them to its heap.
+            # Lazy tensors (quantized weights) are computed by several threads, a bounded number at a time.
+            ir.save(model, tmp_model, format="protobuf", external_data=data_name, alignment=4096,
+                    max_workers=_save_workers(), max_in_flight_bytes=_SAVE_IN_FLIGHT_BYTES)
+        else:
+            _save_inline(model, tmp_model)
         moves = []
         if external_data and (tmp_dir / data_name).exists():
             moves.append((tmp_dir / data_name, path.parent / data_name))
@@ -653,6 +685,71 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+_SAVE_IN_FLIGHT_BYTES = 256 << 20
+
+
+def _save_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _save_inline(model: ir.Model, path: Path) -> None:
+    """Write `model` as one .onnx with inline weights, tensor by tensor (`sw_onnx.wire.write_model`): the
+    graph is serialized without its large initializers, which are then computed (lazy ones by a few threads
+    ahead of the writer, at most `_SAVE_IN_FLIGHT_BYTES` at once) and appended one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sw_onnx.wire import write_model
+
+    streamed: dict[str, ir.TensorProtocol] = {}
+    for name, value in model.graph.initializers.items():
+        const = value.const_value
+        # All but strings (no raw_data), however small: the file's layout then does not depend on how each
+        # tensor is held (computing a lazy one may read any weight, a mapped one must not become a reference).
+        if const is not None and const.dtype != ir.DataType.STRING:
+            streamed[name] = const
+            value.const_value = ir.ExternalTensor(  # a placeholder: serializing it reads nothing
+                "sw-onnx-placeholder.bin", 0, 0, const.dtype, shape=const.shape, name=name,
+                doc_string=const.doc_string, metadata_props=dict(const.metadata_props) or None)
+    try:
+        proto = ir.to_proto(model)
+    finally:
+        for name, const in streamed.items():
+            model.graph.initializers[name].const_value = const
+    headers = {}
+    kept = []
+    for tensor in proto.graph.initializer:
+        if tensor.name in streamed:
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+            headers[tensor.name] = tensor.SerializeToString()
+        else:
+            kept.append(tensor)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    skeleton = proto.SerializeToString()
+    del proto
+    order = list(streamed)
+    sizes = [_nbytes(streamed[name]) for name in order]
+    with ThreadPoolExecutor(max_workers=_save_workers(), thread_name_prefix="sw-onnx-save") as pool:
+        pending: dict[int, object] = {}
+        submitted = 0
+
+        def data(i: int):
+            nonlocal submitted
+            def get():
+                nonlocal submitted
+                in_flight = sum(sizes[j] for j in pending)
+                while submitted < len(order) and (submitted == i or in_flight + sizes[submitted] <= _SAVE_IN_FLIGHT_BYTES):
+                    pending[submitted] = pool.submit(streamed[order[submitted]].tobytes)
+                    in_flight += sizes[submitted]
+                    submitted += 1
+                return pending.pop(i).result()
+            return get
+
+        with open(path, "wb") as f:
+            write_model(f, skeleton, ((headers[name], sizes[i], data(i)) for i, name in enumerate(order)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -304,7 +304,7 @@ def quantize_model(
     """
     import onnx_ir as ir
 
-    from sw_onnx.io import load_model, resolve_model_path, save_model
+    from sw_onnx.io import load_model, resolve_model_path, save_model, stores_weights_externally
     from sw_onnx.passes.quantize import QDQ_MIN_OPSET, QuantizeWeightsPass, UpgradeOpsetPass
 
     config = config or QuantizeConfig()
@@ -331,7 +331,7 @@ def quantize_model(
     from sw_onnx.discover import require_float_model
 
     require_float_model(model)  # "already quantized": refused
-    input_external = _has_external_data(model)
+    input_external = stores_weights_externally(model)
     input_bytes = _model_bytes(src, model)
     keep = _validate_keep(model, keep_records, config.keep)
 
@@ -600,12 +600,6 @@ def _sensitive_layers(src: Path, token_ids: np.ndarray, config: QuantizeConfig, 
     return levels
 
 
-def _has_external_data(model: ir.Model) -> bool:
-    import onnx_ir as ir
-
-    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-
-
 def _unquantized_bytes(model: ir.Model) -> int:
     import onnx_ir as ir
 
@@ -626,10 +620,17 @@ def _model_bytes(src: Path, model: ir.Model) -> int:
         const = value.const_value
         if isinstance(const, ir.ExternalTensor):
             path = Path(const.base_dir) / const.location
-            if path not in seen:
+            if path not in seen and not _same_file(path, src):  # inline weights, mapped from the .onnx
                 seen.add(path)
                 total += _file_bytes(path)
     return total
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _file_bytes(path: Path) -> int:

@@ -103,19 +103,33 @@ def _alarm(signum, frame):
     raise _Hang()
 
 
-@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
-def test_mutated_models_load_or_fail_cleanly(tmp_path, external):
+@pytest.mark.parametrize("external, lazy", [(False, False), (False, True), (True, False)],
+                         ids=["inline", "inline-mapped", "external-data"])
+def test_mutated_models_load_or_fail_cleanly(tmp_path, monkeypatch, external, lazy):
+    """"inline-mapped": inline weights mapped from the file as the loader does for large models
+    (`sw_onnx.wire.inline_as_external`), forced here for a small one."""
+    if lazy:
+        import sw_onnx.io
+
+        monkeypatch.setattr(sw_onnx.io, "_LAZY_INLINE_MIN_FILE_BYTES", 0)
+        monkeypatch.setattr(sw_onnx.io, "_LAZY_INLINE_MIN_TENSOR_BYTES", 0)
     seed_dir = tmp_path / "seed"
     seed_dir.mkdir()
     original = _tiny_decoder(seed_dir / "model.onnx", external=external)
     _exercise(original)  # the unmutated model loads
+    if lazy:
+        from sw_onnx.io import load_model, stores_weights_externally
+
+        mapped = load_model(original)
+        assert all(type(v.const_value).__name__ == "_MappedInline" for v in mapped.graph.initializers.values())
+        assert not stores_weights_externally(mapped)
     data = original.read_bytes()
     work = tmp_path / "work"
     work.mkdir()
     if external:
         shutil.copy(seed_dir / "model.onnx.data", work / "model.onnx.data")
         (tmp_path / "outside.data").write_bytes((seed_dir / "model.onnx.data").read_bytes())
-    rng = random.Random(SEED * 2 + external)
+    rng = random.Random(SEED * 2 + external + 1000 * lazy)
     outcomes = {"loaded": 0, "refused": 0}
     previous = signal.signal(signal.SIGALRM, _alarm)
     try:

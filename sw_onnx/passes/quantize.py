@@ -42,6 +42,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -591,8 +592,13 @@ class _LayerQuantizer:
             self.part_names.add("zp")
         self._parts: dict[str, np.ndarray | None] | None = None
         self._taken: set[str] = set()
+        self._lock = threading.Lock()  # the saver computes several layers' parts on threads at once
 
     def get(self, part: str) -> np.ndarray:
+        with self._lock:
+            return self._get(part)
+
+    def _get(self, part: str) -> np.ndarray:
         if self._parts is None:
             w = self.chain.effective_weight()
             if self.alpha != 1.0:
