@@ -32,6 +32,7 @@ from sw_onnx.errors import UnsupportedGraphError
 from sw_onnx.inputs import build_feeds
 from sw_onnx.io import create_session, ort_value
 from sw_onnx.passes.ablate import scaled_initializers
+from sw_onnx.passes.activations import InputRange, InputStatsProbe, plan_input_ranges
 from sw_onnx.passes.instrument import InstrumentLinearStatsPass, stat_output_name
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,9 @@ class DetectResult:
     linear_layers: int
     seconds: float
     history: list[dict]  # per iteration: per-layer peaks (for the plot)
+    # Linear-layer inputs on the prompt (first pass), with their super-activation entries: what quantize's
+    # activation keep-out and W8A8 ranges use (`sw_onnx.passes.activations.plan_input_ranges`).
+    input_ranges: dict[str, InputRange] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -170,6 +174,7 @@ class Detector:
                 self.chains[layer.position] = (ids[0] if before is not None else None, ids[1:] if before is not None else ids)
         self.weights = {layer.position: layer.weight.effective_weight for layer in self.layers}
         InstrumentLinearStatsPass(self.layers, self.residual_values)(model)
+        self.input_probe = InputStatsProbe(model, self.layers)  # folded in by the first pass only
         # Weights become overridable initializers (also graph inputs): each pass feeds the ones with zeroed
         # super weights, so one session serves every pass.
         graph_inputs = {v.name for v in model.graph.inputs}
@@ -178,8 +183,11 @@ class Detector:
                 model.graph.inputs.append(layer.weight.initializer)
                 graph_inputs.add(layer.weight.initializer.name)
         self.model = model
-        self.output_names = [v.name for v in model.graph.outputs if v.name.startswith("sw_onnx/")]
+        probe_outputs = set(self.input_probe.output_names)
+        self.output_names = [v.name for v in model.graph.outputs
+                             if v.name.startswith("sw_onnx/") and v.name not in probe_outputs]
         self._session = None
+        self._inputs_measured = False
 
     def run_pass(self, token_ids: np.ndarray, overrides: dict[str, np.ndarray]) -> _Pass:
         if self._session is None:
@@ -187,8 +195,15 @@ class Detector:
             # working set, not the model's size (bench/large_model.py).
             self._session = create_session(self.model, providers=self.config.providers, stream_weights=True)
         feeds = build_feeds(self._session, token_ids)
+        tokens = int(np.asarray(token_ids).size)
+        feeds.update(self.input_probe.feeds(tokens))
         feeds.update({name: ort_value(array) for name, array in overrides.items()})  # bf16 too
-        values = dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
+        measure_inputs = not self._inputs_measured and not overrides
+        fetch = self.output_names + (self.input_probe.output_names if measure_inputs else [])
+        values = dict(zip(fetch, self._session.run(fetch, feeds)))
+        if measure_inputs:
+            self.input_probe.add(values, tokens)
+            self._inputs_measured = True
 
         def per(kind, keys):
             return {k: values[stat_output_name(kind, k)] for k in keys}
@@ -357,4 +372,5 @@ def detect(
         linear_layers=len(detector.layers),
         seconds=time.perf_counter() - started,
         history=history,
+        input_ranges=plan_input_ranges(detector.input_probe.stats),
     )

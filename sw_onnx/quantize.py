@@ -319,11 +319,12 @@ def quantize_model(
     token_ids, _ = _token_ids(src)
     t0 = time.perf_counter()
     keep_records: list[dict] = []
+    detected_ranges = None  # linear-layer input ranges measured by detection on the same prompt
     if config.keep == "auto":
         say("detecting super weights (keep=auto)")
-        keep_records = _detect_keep(src, token_ids, config)
+        keep_records, detected_ranges = _detect_keep(src, token_ids, config)
     elif config.keep != "none":
-        keep_records = _read_keep_report(Path(config.keep))
+        keep_records, detected_ranges = _read_keep_report(Path(config.keep))
     detect_seconds = time.perf_counter() - t0
 
     say(f"loading {src}")
@@ -343,12 +344,15 @@ def quantize_model(
         detect_seconds += time.perf_counter() - t_sens
     ranges = None
     if config.activations != "none" or config.sa_keep_out:  # sw_onnx.passes.activations
-        from sw_onnx.passes.activations import calibrate_for_quantize
+        if detected_ranges is not None and config.calib_text is None:
+            ranges = _check_ranges(model, detected_ranges, config.keep)  # detection already measured them
+        else:
+            from sw_onnx.passes.activations import calibrate_for_quantize
 
-        say("calibrating linear-layer inputs (super-activation entries, activation ranges)")
-        t_cal = time.perf_counter()
-        ranges = calibrate_for_quantize(src, token_ids, calib_text=config.calib_text, providers=config.providers)
-        detect_seconds += time.perf_counter() - t_cal
+            say("calibrating linear-layer inputs (super-activation entries, activation ranges)")
+            t_cal = time.perf_counter()
+            ranges = calibrate_for_quantize(src, token_ids, calib_text=config.calib_text, providers=config.providers)
+            detect_seconds += time.perf_counter() - t_cal
 
     t1 = time.perf_counter()
     upgrade = UpgradeOpsetPass(QDQ_MIN_OPSET)
@@ -515,7 +519,8 @@ def _detect_keep(src: Path, token_ids: np.ndarray, config: QuantizeConfig) -> li
     fresh = load_model(src)
     providers = list(config.providers) if config.providers else None
     result = detect(fresh, token_ids, DetectConfig(providers=providers))
-    return [_keep_record(sw.node, sw.initializer, sw.index, sw.row, sw.col, sw.value) for sw in result.super_weights]
+    records = [_keep_record(sw.node, sw.initializer, sw.index, sw.row, sw.col, sw.value) for sw in result.super_weights]
+    return records, result.input_ranges
 
 
 def _keep_record(node, initializer, index, row, col, value) -> dict:
@@ -541,7 +546,33 @@ def _read_keep_report(path: Path) -> list[dict]:
         if not isinstance(sw, dict) or not isinstance(sw.get("initializer"), str) or not isinstance(sw.get("index"), list):
             raise UsageError(f"--keep {path}: super_weights[{i}] lacks an initializer name and index")
         records.append(_keep_record(sw.get("node"), sw["initializer"], sw["index"], sw.get("row"), sw.get("col"), sw.get("value")))
-    return records
+    ranges = None
+    if data.get("input_ranges") is not None:  # reports before sw-onnx 0.1.0's input_ranges: calibrate instead
+        from sw_onnx.passes.activations import InputRange
+
+        try:
+            ranges = {}
+            for entry in data["input_ranges"]:
+                r = InputRange(**{f.name: entry[f.name] for f in fields(InputRange)})
+                r.channels = [int(c) for c in r.channels]
+                ranges[r.value] = r
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"--keep {path}: malformed input_ranges ({e})",
+                             hint="write the report again with: sw-onnx detect MODEL --json REPORT.json") from None
+    return records, ranges
+
+
+def _check_ranges(model: ir.Model, ranges: dict, source: str) -> dict:
+    """Input ranges from detection must name this model's linear layers and channels within their inputs."""
+    from sw_onnx.discover import find_linear_layers
+
+    widths = {layer.name: layer.k for layer in find_linear_layers(model)[0]}
+    for r in ranges.values():
+        for node in r.nodes:
+            if node not in widths or any(not 0 <= c < widths[node] for c in r.channels):
+                raise UsageError(f"--keep {source}: its input_ranges name {node!r}, which is not a linear layer "
+                                 "of this model with those channels", hint="the report is probably for another model")
+    return ranges
 
 
 def _validate_keep(model: ir.Model, records: list[dict], source: str) -> list[KeepCoordinate]:

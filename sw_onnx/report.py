@@ -18,6 +18,11 @@ JSON schema `sw-onnx/detect`, version 1 (fields may be added; a rename or remova
   "super_activations": [{"node", "layer", "position", "channel", "token", "value", "ratio_to_layer",
       "ratio_to_model", "kind", "reason", "residual_before", "carried_fraction", "explained_share", "iteration"}],
   "one_off_spikes": [same fields as super_activations],
+  "input_ranges": [{"value": str (a linear-layer input), "nodes": [str] (the layers reading it), "k": int,
+      "naive_range": float (max |x| on the prompt), "other_range": float (without the super-activation
+      token), "channels": [int] (super-activation channels), "handled_range", "median", "gain": float,
+      "sa_entries": [{"channel", "token", "window", "value"}]}] (first pass; what `quantize --keep REPORT`
+      keeps out of activation quantization, so it needs no calibration run),
   "iterations": int, "seconds": float
 }
 ```
@@ -56,6 +61,7 @@ def detect_report(result: DetectResult, *, model_path: Path, config: DetectConfi
         "super_weights": [asdict(s) for s in result.super_weights],
         "super_activations": [asdict(s) for s in result.super_activations],
         "one_off_spikes": [asdict(s) for s in result.one_off_spikes],
+        "input_ranges": [r.to_dict() for r in result.input_ranges.values()],
         "iterations": result.iterations,
         "seconds": round(result.seconds, 3),
     }

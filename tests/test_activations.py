@@ -295,3 +295,66 @@ def test_calib_text_calibrates_with_the_tokenizer(tmp_path):
     down = next(d for d in summary.quantized if d.node == sample.super_weights[0].node)
     # 1500 tokens in windows of 512 with BOS first: the super activation shows in every window.
     assert "super-activation channels" in down.reason and summary.verification["passed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Input ranges measured by detection: quantize needs no calibration run
+
+
+def test_detection_measures_the_same_input_ranges_as_calibration(samples):
+    from sw_onnx.detect import detect
+    from sw_onnx.io import load_model
+
+    sample = samples["optimum"]
+    ids, _ = prompt_token_ids(sample.path)
+    detected = detect(load_model(sample.path), ids).input_ranges
+    calibrated = plan_input_ranges(calibrate_linear_inputs(str(sample.path), [ids]))
+    assert detected.keys() == calibrated.keys()
+    for name, d in detected.items():
+        c = calibrated[name]
+        assert d.nodes == c.nodes and d.channels == c.channels
+        assert d.naive_range == pytest.approx(c.naive_range, rel=1e-6)
+        assert d.other_range == pytest.approx(c.other_range, rel=1e-6)
+    assert any(d.channels for d in detected.values())  # the planted super activation is among them
+
+
+def test_quantize_from_a_report_takes_its_input_ranges_and_calibrates_nothing(samples, tmp_path, monkeypatch, run_cli):
+    import sw_onnx.passes.activations as activations
+
+    sample = samples["optimum"]
+    report = tmp_path / "r.json"
+    assert run_cli("detect", sample.path, "--json", report).returncode == 0
+    data = json.loads(report.read_text())
+    assert any(r["channels"] for r in data["input_ranges"])
+    auto = quantize_model(sample.path, tmp_path / "auto.onnx", QuantizeConfig(keep="auto"))
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated although detection measured the input ranges")
+
+    monkeypatch.setattr(activations, "calibrate_for_quantize", no_calibration)
+    from_report = quantize_model(sample.path, tmp_path / "report.onnx", QuantizeConfig(keep=str(report)))
+    assert [d.reason for d in from_report.layers] == [d.reason for d in auto.layers]
+    weights = [{t.name: t.SerializeToString() for t in onnx.load(str(tmp_path / f)).graph.initializer}
+               for f in ("auto.onnx", "report.onnx")]
+    assert weights[0] == weights[1]
+    # A report from before input_ranges: calibrated as before (here: the patched calibration runs).
+    del data["input_ranges"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    with pytest.raises(AssertionError, match="calibrated although"):
+        quantize_model(sample.path, tmp_path / "old.onnx", QuantizeConfig(keep=str(old)))
+
+
+def test_quantize_refuses_input_ranges_of_another_model(samples, tmp_path, run_cli):
+    report = tmp_path / "r.json"
+    assert run_cli("detect", samples["optimum"].path, "--json", report).returncode == 0
+    data = json.loads(report.read_text())
+    data["super_weights"] = []
+    data["input_ranges"][0]["nodes"] = ["/not/a/layer/MatMul"]
+    report.write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="not a linear layer of this model"):
+        quantize_model(samples["optimum"].path, tmp_path / "q.onnx", QuantizeConfig(keep=str(report)))
+    data["input_ranges"][0] = {"value": "x"}
+    report.write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="malformed input_ranges"):
+        quantize_model(samples["optimum"].path, tmp_path / "q.onnx", QuantizeConfig(keep=str(report)))

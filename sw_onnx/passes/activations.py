@@ -77,6 +77,7 @@ __all__ = [
     "DEFAULT_SA_TOKENS",
     "InputRange",
     "InputStats",
+    "InputStatsProbe",
     "KeepOutActivationChannelsPass",
     "QuantizeW8A8Pass",
     "calibrate_for_quantize",
@@ -155,6 +156,80 @@ def calibration_windows(token_ids: np.ndarray, *, context: int = CALIB_CONTEXT, 
     return windows
 
 
+class InputStatsProbe:
+    """Instruments a model's linear-layer inputs, in place, for `InputStats`; then folds run results into them.
+
+    Per input value (shared by the layers reading it): the top-k |x| per channel over tokens (values and
+    tokens), the token of the largest |x| and the input row there, as extra graph outputs (`output_names`);
+    k is a graph input (`feeds`), so windows of any length run in one session. Used by the calibration
+    below and by detection's first pass (`sw_onnx.detect`), which then needs no calibration session.
+    """
+
+    def __init__(self, model: ir.Model, layers: Sequence[LinearLayer], *, top_k: int = CALIB_TOP_K):
+        self.top_k = top_k
+        self.groups: dict[str, list[LinearLayer]] = {}
+        values: dict[str, ir.Value] = {}
+        for layer in layers:
+            x = layer.input
+            if x.name is None:
+                x.name = f"{_PREFIX}/linear_input_{layer.position}"
+            self.groups.setdefault(x.name, []).append(layer)
+            values[x.name] = x
+        graph = model.graph
+        opset = model.opset_imports.get("", 13)
+        k_input = ir.Value(name=f"{_PREFIX}/top_k", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]))
+        graph.inputs.append(k_input)
+        self.k_input_name = k_input.name
+        self.names: dict[str, tuple[str, str, str, str]] = {}
+        for i, (name, group) in enumerate(self.groups.items()):
+            width = group[0].k
+            tag = f"{_PREFIX}/{i}"
+            x = values[name]
+            if x.dtype not in (None, ir.DataType.FLOAT):
+                x = _append(graph, "Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{tag}/cast").outputs[0]
+            shape = _const(graph, f"{tag}/shape", np.array([-1, width], np.int64))
+            flat = _append(graph, "Reshape", [x, shape], name=f"{tag}/flatten").outputs[0]
+            a = _append(graph, "Abs", [flat], name=f"{tag}/abs").outputs[0]
+            topk = ir.node("TopK", [a, k_input], {"axis": 0, "largest": 1, "sorted": 1}, num_outputs=2, name=f"{tag}/topk")
+            topk.outputs[0].name, topk.outputs[1].name = f"{tag}/top_values", f"{tag}/top_tokens"
+            graph.append(topk)
+            if opset >= 18:
+                axes = _const(graph, f"{tag}/axes", np.array([1], np.int64))
+                token_max = _append(graph, "ReduceMax", [a, axes], {"keepdims": 0}, name=f"{tag}/token_max").outputs[0]
+            else:
+                token_max = _append(graph, "ReduceMax", [a], {"axes": [1], "keepdims": 0}, name=f"{tag}/token_max").outputs[0]
+            peak = _append(graph, "ArgMax", [token_max], {"axis": 0, "keepdims": 1}, name=f"{tag}/peak_token").outputs[0]
+            row = _append(graph, "Gather", [flat, peak], {"axis": 0}, name=f"{tag}/peak_row").outputs[0]
+            out = (f"{tag}/out/top_values", f"{tag}/out/top_tokens", f"{tag}/out/peak_token", f"{tag}/out/peak_row")
+            _expose(graph, topk.outputs[0], out[0], ir.DataType.FLOAT, [None, width])
+            _expose(graph, topk.outputs[1], out[1], ir.DataType.INT64, [None, width])
+            _expose(graph, peak, out[2], ir.DataType.INT64, [1])
+            _expose(graph, row, out[3], ir.DataType.FLOAT, [1, width])
+            self.names[name] = out
+        self.output_names = [n for out in self.names.values() for n in out]
+        self.stats = {name: InputStats(value=name, nodes=[layer.name for layer in group], k=group[0].k,
+                                       absmax=np.zeros(group[0].k, np.float64)) for name, group in self.groups.items()}
+
+    def feeds(self, tokens: int) -> dict[str, np.ndarray]:
+        """The extra feed of a run over `tokens` tokens (k, at most the token count)."""
+        return {self.k_input_name: np.array([min(self.top_k, tokens)], np.int64)}
+
+    def add(self, result: Mapping[str, np.ndarray], tokens: int) -> None:
+        """Fold one window's outputs (`output_names` -> arrays) into `stats`."""
+        w = len(next(iter(self.stats.values())).window_tokens) if self.stats else 0
+        for name, (tv, tt, pt, pr) in self.names.items():
+            s = self.stats[name]
+            top = result[tv]
+            s.top_values.append(top.astype(np.float32))
+            s.top_tokens.append(result[tt].astype(np.int64))
+            s.window_tokens.append(tokens)
+            np.maximum(s.absmax, top[0], out=s.absmax)
+            peak = float(top[0].max())
+            if peak > s.peak:
+                s.peak, s.peak_row = peak, result[pr][0].astype(np.float32)
+                s.peak_token, s.peak_window = int(result[pt][0]), w
+
+
 def calibrate_linear_inputs(
     model: str | ir.Model,
     windows: Sequence[np.ndarray],
@@ -182,69 +257,17 @@ def calibrate_linear_inputs(
     if not isinstance(model, ir.Model):
         model = load_model(model)
     layers, _ = find_linear_layers(model)
-    groups: dict[str, list[LinearLayer]] = {}
-    values: dict[str, ir.Value] = {}
-    for layer in layers:
-        x = layer.input
-        if x.name is None:
-            x.name = f"{_PREFIX}/linear_input_{layer.position}"
-        groups.setdefault(x.name, []).append(layer)
-        values[x.name] = x
-    graph = model.graph
-    opset = model.opset_imports.get("", 13)
-    k_input = ir.Value(name=f"{_PREFIX}/top_k", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]))
-    graph.inputs.append(k_input)
-    graph.outputs.clear()
-    names: dict[str, tuple[str, str, str, str]] = {}
-    for i, (name, group) in enumerate(groups.items()):
-        width = group[0].k
-        tag = f"{_PREFIX}/{i}"
-        x = values[name]
-        if x.dtype not in (None, ir.DataType.FLOAT):
-            x = _append(graph, "Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{tag}/cast").outputs[0]
-        shape = _const(graph, f"{tag}/shape", np.array([-1, width], np.int64))
-        flat = _append(graph, "Reshape", [x, shape], name=f"{tag}/flatten").outputs[0]
-        a = _append(graph, "Abs", [flat], name=f"{tag}/abs").outputs[0]
-        topk = ir.node("TopK", [a, k_input], {"axis": 0, "largest": 1, "sorted": 1}, num_outputs=2, name=f"{tag}/topk")
-        topk.outputs[0].name, topk.outputs[1].name = f"{tag}/top_values", f"{tag}/top_tokens"
-        graph.append(topk)
-        if opset >= 18:
-            axes = _const(graph, f"{tag}/axes", np.array([1], np.int64))
-            token_max = _append(graph, "ReduceMax", [a, axes], {"keepdims": 0}, name=f"{tag}/token_max").outputs[0]
-        else:
-            token_max = _append(graph, "ReduceMax", [a], {"axes": [1], "keepdims": 0}, name=f"{tag}/token_max").outputs[0]
-        peak = _append(graph, "ArgMax", [token_max], {"axis": 0, "keepdims": 1}, name=f"{tag}/peak_token").outputs[0]
-        row = _append(graph, "Gather", [flat, peak], {"axis": 0}, name=f"{tag}/peak_row").outputs[0]
-        out = (f"{tag}/out/top_values", f"{tag}/out/top_tokens", f"{tag}/out/peak_token", f"{tag}/out/peak_row")
-        _expose(graph, topk.outputs[0], out[0], ir.DataType.FLOAT, [None, width])
-        _expose(graph, topk.outputs[1], out[1], ir.DataType.INT64, [None, width])
-        _expose(graph, peak, out[2], ir.DataType.INT64, [1])
-        _expose(graph, row, out[3], ir.DataType.FLOAT, [1, width])
-        names[name] = out
+    model.graph.outputs.clear()
+    probe = InputStatsProbe(model, layers, top_k=top_k)
     session = create_session(model, providers=list(providers) if providers else None, stream_weights=True)
-    fetch = [n for out in names.values() for n in out]
-    stats = {name: InputStats(value=name, nodes=[layer.name for layer in group], k=group[0].k,
-                              absmax=np.zeros(group[0].k, np.float64)) for name, group in groups.items()}
     for w, window in enumerate(windows):
         window = np.asarray(window, dtype=np.int64).ravel()
         feeds = build_feeds(session, window[None, :])
-        feeds.pop(k_input.name, None)
-        feeds[k_input.name] = np.array([min(top_k, len(window))], np.int64)
-        result = dict(zip(fetch, session.run(fetch, feeds)))
-        for name, (tv, tt, pt, pr) in names.items():
-            s = stats[name]
-            top = result[tv]
-            s.top_values.append(top.astype(np.float32))
-            s.top_tokens.append(result[tt].astype(np.int64))
-            s.window_tokens.append(len(window))
-            np.maximum(s.absmax, top[0], out=s.absmax)
-            peak = float(top[0].max())
-            if peak > s.peak:
-                s.peak, s.peak_row = peak, result[pr][0].astype(np.float32)
-                s.peak_token, s.peak_window = int(result[pt][0]), w
+        feeds.update(probe.feeds(len(window)))
+        probe.add(dict(zip(probe.output_names, session.run(probe.output_names, feeds))), len(window))
         if progress is not None:
             progress(w + 1, len(windows))
-    return stats
+    return probe.stats
 
 
 @dataclass
