@@ -1,10 +1,20 @@
-"""Quantization cost: wall time and peak RSS of sw-onnx vs onnxruntime's MatMulNBitsQuantizer, same model.
+"""Quantization cost: wall time and peak RSS of `sw-onnx quantize` vs onnxruntime's MatMulNBitsQuantizer.
 
-Both tools quantize the same linear layers to int4 (block --block-size, symmetric) in their own process
-(peak RSS = that process's VmHWM); each measurement is the median of --repeat runs. The model is measured
-as given (inline weights) and as an external-data copy (where sw-onnx memory-maps the weights). sw-onnx runs
-with a precomputed detect report (`--keep REPORT`) and `--no-verify`, so both tools do the same work: read,
-quantize, write. Also reports weight bytes processed per second.
+Each row is a whole command as a user runs it, in its own process (`_proc.run_measured`: fork to exit,
+imports included; peak RSS of that process), the median of --repeat runs, on the model as given (inline
+weights) and on an external-data copy. Same format for all: int4 with a zero point, block --block-size,
+QDQ, lm_head left float (onnxruntime does not see the tied lm_head's weight as a constant).
+
+- onnxruntime RTN: `python -m onnxruntime.quantization.matmul_nbits_quantizer ... --symmetric False
+  --quant_format QDQ` (round-to-nearest, native code).
+- sw-onnx, same work: round-to-nearest too (`--clip none`), super weights and super-activation channels
+  from a `sw-onnx detect --json` report made once beforehand, no verification: read, quantize, write.
+- sw-onnx default, from a report: the default MSE range search (what buys its perplexity, see
+  docs/quantize_quality.md), report, no verification.
+- sw-onnx bare command: `sw-onnx quantize MODEL -o OUT`: detection, quantization and verification (the
+  checker, a session of each model and the logits compared).
+
+Weights MB/s is the fp32 bytes of the linear layers' weights over the wall time.
 
 Usage: python bench/quantize_speed.py [MODEL] [--block-size 32] [--repeat 3] [--markdown FILE] [--json FILE]
 """
@@ -12,46 +22,44 @@ Usage: python bench/quantize_speed.py [MODEL] [--block-size 32] [--repeat 3] [--
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-CHILD = r"""
-import json, sys, time, logging
-def peak():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-tool, src, dst, block, keep = sys.argv[1:6]
-t = time.perf_counter()
-if tool == "onnxruntime":
-    import onnx
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
-    from onnxruntime.quantization.quant_utils import QuantFormat
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    q = mnq.MatMulNBitsQuantizer(onnx.load(src), bits=4, block_size=int(block), is_symmetric=True, quant_format=QuantFormat.QDQ)
-    q.process()
-    q.model.save_model_to_file(dst, use_external_data_format=True)
-else:
-    from sw_onnx.quantize import QuantizeConfig, quantize_model
-    quantize_model(src, dst, QuantizeConfig(bits=4, block_size=int(block), symmetric=True, keep=keep, verify=False, force=True))
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak()}))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _proc import run_measured, write_outputs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# Run in child processes: a child's peak RSS counts its parent's memory at fork (Linux keeps the pre-exec
+# high-water mark), so this process stays small.
+_WEIGHT_BYTES = """
+import sys
+from sw_onnx.discover import find_linear_layers
+from sw_onnx.io import load_model
+layers, _ = find_linear_layers(load_model(sys.argv[1]))
+print(sum({layer.weight.initializer.name: layer.k * layer.n * 4 for layer in layers}.values()))
+"""
+_TO_EXTERNAL = """
+import sys, onnx
+onnx.save(onnx.load(sys.argv[1]), sys.argv[2], save_as_external_data=True, location="model.onnx.data")
 """
 
 
-def _weights_bytes(path: Path) -> int:
-    import onnx_ir as ir
-
-    from sw_onnx.discover import find_linear_layers
-
-    layers, _ = find_linear_layers(ir.load(path))
-    seen = {layer.weight.initializer.name: layer.k * layer.n * 4 for layer in layers}
-    return sum(seen.values())
+def _commands(model: Path, out: Path, block: int, report: Path) -> dict[str, list[str]]:
+    sw = [sys.executable, "-m", "sw_onnx.cli", "quantize", str(model), "-o", str(out), "--block-size", str(block), "--force"]
+    return {
+        "onnxruntime RTN": [sys.executable, "-m", "onnxruntime.quantization.matmul_nbits_quantizer", "--input_model",
+                            str(model), "--output_model", str(out), "--block_size", str(block), "--symmetric", "False",
+                            "--quant_format", "QDQ"],
+        "sw-onnx, same work (RTN, report, no verify)": sw + ["--clip", "none", "--keep", str(report), "--no-verify"],
+        "sw-onnx default, report, no verify": sw + ["--keep", str(report), "--no-verify"],
+        "sw-onnx bare command (detect + quantize + verify)": sw,
+    }
 
 
 def main() -> None:
@@ -62,56 +70,48 @@ def main() -> None:
     parser.add_argument("--markdown")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root))
-    if args.model is None:
-        from sample_models.export_smollm2 import export_smollm2
-
-        args.model = str(export_smollm2(quiet=True))
+    if args.model is None:  # the SmolLM2 export (made and cached on first use)
+        args.model = run_measured([sys.executable, "-c", "from sample_models.export_smollm2 import export_smollm2; "
+                                   "print(export_smollm2(quiet=True))"], cwd=ROOT)["stdout"].strip().splitlines()[-1]
     src = Path(args.model)
     src = src / "model.onnx" if src.is_dir() else src
     work = Path(tempfile.mkdtemp(prefix="sw-onnx-qspeed-"))
+    rows = []
     try:
-        import onnx
-
         external = work / "external" / "model.onnx"
         external.parent.mkdir()
-        onnx.save(onnx.load(str(src)), str(external), save_as_external_data=True, location="model.onnx.data")
-        report = work / "detect.json"
-        subprocess.run([sys.executable, "-m", "sw_onnx.cli", "detect", str(src), "--json", str(report)], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
-        weight_bytes = _weights_bytes(src)
-        rows = []
+        run_measured([sys.executable, "-c", _TO_EXTERNAL, str(src), str(external)])
+        weight_bytes = int(run_measured([sys.executable, "-c", _WEIGHT_BYTES, str(src)], cwd=ROOT)["stdout"])
         for storage, model in (("inline", src), ("external data", external)):
-            for tool in ("onnxruntime", "sw-onnx"):
+            report = work / f"{external.parent.name if model == external else 'inline'}-detect.json"
+            run_measured([sys.executable, "-m", "sw_onnx.cli", "detect", str(model), "--json", str(report)], cwd=ROOT)
+            out_dir = work / "out"
+            for tool in _commands(model, out_dir / "q.onnx", args.block_size, report):
                 runs = []
-                for i in range(args.repeat):
-                    dst = work / f"out{i}" / "q.onnx"
-                    dst.parent.mkdir(exist_ok=True)
-                    out = subprocess.run([sys.executable, "-c", CHILD, tool, str(model), str(dst), str(args.block_size), str(report)],
-                                         capture_output=True, text=True, check=True, cwd=root)
-                    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                    shutil.rmtree(dst.parent)
+                for _ in range(args.repeat):
+                    out_dir.mkdir(exist_ok=True)
+                    cmd = _commands(model, out_dir / "q.onnx", args.block_size, report)[tool]
+                    runs.append(run_measured(cmd, cwd=ROOT))
+                    shutil.rmtree(out_dir)
                 rows.append({"storage": storage, "tool": tool,
                              "seconds": statistics.median(r["seconds"] for r in runs),
-                             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs)})
+                             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+                             "runs": [{k: r[k] for k in ("seconds", "peak_rss_mb")} for r in runs]})
+                print(f"{storage:>13} | {tool}: {rows[-1]['seconds']:.2f} s, {rows[-1]['peak_rss_mb']:.0f} MB", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    lines = [f"int4 sym block {args.block_size}, {weight_bytes / 1e6:.0f} MB of fp32 linear weights, median of {args.repeat}, "
-             f"{time.strftime('%Y-%m-%d')}, `python bench/quantize_speed.py`.", "",
-             "| model storage | tool | wall s | peak RSS MB | weights MB/s | time vs onnxruntime | RSS vs onnxruntime |",
+    lines = [f"{src.parent.name}: int4 asymmetric, block {args.block_size}, QDQ; {weight_bytes / 1e6:.0f} MB of fp32 linear "
+             f"weights; whole commands in their own process, median of {args.repeat}; {time.strftime('%Y-%m-%d')}; "
+             "`python bench/quantize_speed.py`.", "",
+             "| model storage | command | wall s | peak RSS MB | weights MB/s | time vs onnxruntime | RSS vs onnxruntime |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        peer = next(p for p in rows if p["storage"] == r["storage"] and p["tool"] == "onnxruntime")
+        peer = next(p for p in rows if p["storage"] == r["storage"] and p["tool"] == "onnxruntime RTN")
         lines.append(f"| {r['storage']} | {r['tool']} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | "
                      f"{weight_bytes / 1e6 / r['seconds']:.0f} | {r['seconds'] / peer['seconds']:.2f}x | "
                      f"{r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x |")
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps({"weight_bytes": weight_bytes, "rows": rows}, indent=2))
+    write_outputs("\n".join(lines), {"model": str(src), "block_size": args.block_size, "weight_bytes": weight_bytes,
+                                     "rows": rows}, args.markdown, args.json_path)
 
 
 if __name__ == "__main__":

@@ -224,7 +224,6 @@ def check_arity(model: ir.Model, path: Path | str = "model") -> None:
 def _load_ir(p: Path) -> ir.Model:
     """`onnx_ir.load` with a check between parsing and building the IR: every string field must be text."""
     import onnx
-    from onnx_ir.external_data import set_base_dir
 
     proto = None
     st = os.lstat(p)
@@ -245,8 +244,7 @@ def _load_ir(p: Path) -> ir.Model:
         model = ir.serde.deserialize_model(proto)
     finally:
         ir_logger.setLevel(level)
-    set_base_dir(model.graph, str(p.parent))
-    return model
+    return model  # `check_tensors` sets every external tensor's base folder (before anything reads one)
 
 
 def _check_proto_strings(proto, path: Path) -> None:
@@ -369,9 +367,25 @@ def check_opset(model: ir.Model, path: Path | str = "model") -> None:
 
 def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
     """Every tensor of the model: initializers and tensor attributes of all graphs, subgraphs and functions."""
-    from onnx_ir.external_data import _all_tensors
+    def walk(graph: ir.Graph) -> Iterator[ir.TensorProtocol]:  # one pass over the nodes, subgraphs included
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.is_ref() or attr.value is None:
+                    continue
+                if attr.type == ir.AttributeType.TENSOR:
+                    yield attr.value
+                elif attr.type == ir.AttributeType.TENSORS:
+                    yield from attr.value
+                elif attr.type == ir.AttributeType.GRAPH:
+                    yield from walk(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for sub in attr.value:
+                        yield from walk(sub)
 
-    yield from _all_tensors(model.graph, include_attributes=True)
+    yield from walk(model.graph)
     for function in model.functions.values():
         for node in function.all_nodes() if hasattr(function, "all_nodes") else function:
             for attr in node.attributes.values():
@@ -687,11 +701,19 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     return path
 
 
-_SAVE_IN_FLIGHT_BYTES = 256 << 20
+_SAVE_IN_FLIGHT_BYTES = 64 << 20
 
 
 def _save_workers() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _tensor_bytes(tensor: ir.TensorProtocol):
+    """The tensor's raw_data bytes; a mapped weight's are a view of its mapping (no copy on the heap)."""
+    if isinstance(tensor, _MappedOnDemand) and tensor.size and tensor.dtype.bitwidth >= 8 and tensor._array is None:
+        array, _ = tensor.mapped()  # little-endian on disk, as raw_data; the view keeps the mapping alive
+        return memoryview(array.reshape(-1).view(np.uint8))
+    return tensor.tobytes()
 
 
 def _save_inline(model: ir.Model, path: Path) -> None:
@@ -742,7 +764,7 @@ def _save_inline(model: ir.Model, path: Path) -> None:
                 nonlocal submitted
                 in_flight = sum(sizes[j] for j in pending)
                 while submitted < len(order) and (submitted == i or in_flight + sizes[submitted] <= _SAVE_IN_FLIGHT_BYTES):
-                    pending[submitted] = pool.submit(streamed[order[submitted]].tobytes)
+                    pending[submitted] = pool.submit(_tensor_bytes, streamed[order[submitted]])
                     in_flight += sizes[submitted]
                     submitted += 1
                 return pending.pop(i).result()
