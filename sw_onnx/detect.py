@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from sw_onnx.discover import LinearLayer, find_linear_layers, find_residual_chain, require_float_model
 from sw_onnx.errors import UnsupportedGraphError
-from sw_onnx.inputs import build_feeds
+from sw_onnx.inputs import build_feeds, logits_output_name
 from sw_onnx.io import create_session, ort_value
 from sw_onnx.passes.ablate import scaled_initializers
 from sw_onnx.passes.activations import InputRange, InputStatsProbe, plan_input_ranges
@@ -119,6 +119,8 @@ class DetectResult:
     # Linear-layer inputs on the prompt (first pass), with their super-activation entries: what quantize's
     # activation keep-out and W8A8 ranges use (`sw_onnx.passes.activations.plan_input_ranges`).
     input_ranges: dict[str, InputRange] = field(default_factory=dict)
+    # (output name, the model's own logits on the prompt, first pass): quantize's verification reference.
+    reference_logits: tuple[str, np.ndarray] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -188,6 +190,7 @@ class Detector:
                              if v.name.startswith("sw_onnx/") and v.name not in probe_outputs]
         self._session = None
         self._inputs_measured = False
+        self.reference_logits: tuple[str, np.ndarray] | None = None
 
     def run_pass(self, token_ids: np.ndarray, overrides: dict[str, np.ndarray]) -> _Pass:
         if self._session is None:
@@ -200,10 +203,19 @@ class Detector:
         feeds.update({name: ort_value(array) for name, array in overrides.items()})  # bf16 too
         measure_inputs = not self._inputs_measured and not overrides
         fetch = self.output_names + (self.input_probe.output_names if measure_inputs else [])
+        logits_name = None
+        if measure_inputs:
+            try:
+                logits_name = logits_output_name(self._session)
+                fetch = fetch + [logits_name]
+            except UnsupportedGraphError:  # no logits-like output: nothing to keep
+                pass
         values = dict(zip(fetch, self._session.run(fetch, feeds)))
         if measure_inputs:
             self.input_probe.add(values, tokens)
             self._inputs_measured = True
+            if logits_name is not None:
+                self.reference_logits = (logits_name, values[logits_name])
 
         def per(kind, keys):
             return {k: values[stat_output_name(kind, k)] for k in keys}
@@ -373,4 +385,5 @@ def detect(
         seconds=time.perf_counter() - started,
         history=history,
         input_ranges=plan_input_ranges(detector.input_probe.stats),
+        reference_logits=detector.reference_logits,
     )

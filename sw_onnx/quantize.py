@@ -320,9 +320,10 @@ def quantize_model(
     t0 = time.perf_counter()
     keep_records: list[dict] = []
     detected_ranges = None  # linear-layer input ranges measured by detection on the same prompt
+    reference_logits = None  # and the original's logits there: verification's reference
     if config.keep == "auto":
         say("detecting super weights (keep=auto)")
-        keep_records, detected_ranges = _detect_keep(src, token_ids, config)
+        keep_records, detected_ranges, reference_logits = _detect_keep(src, token_ids, config)
     elif config.keep != "none":
         keep_records, detected_ranges = _read_keep_report(Path(config.keep))
     detect_seconds = time.perf_counter() - t0
@@ -429,6 +430,7 @@ def quantize_model(
             result = verify_quantized(
                 tmp, src, [d.quantized_node for d in quantized] if config.activations == "none" else [], token_ids,
                 providers=config.providers, min_top1_agreement=config.min_top1_agreement,
+                reference_logits=reference_logits,
             )
             summary.verification = result.to_dict()
             summary.seconds["verify"] = time.perf_counter() - t2
@@ -520,7 +522,7 @@ def _detect_keep(src: Path, token_ids: np.ndarray, config: QuantizeConfig) -> li
     providers = list(config.providers) if config.providers else None
     result = detect(fresh, token_ids, DetectConfig(providers=providers))
     records = [_keep_record(sw.node, sw.initializer, sw.index, sw.row, sw.col, sw.value) for sw in result.super_weights]
-    return records, result.input_ranges
+    return records, result.input_ranges, result.reference_logits
 
 
 def _keep_record(node, initializer, index, row, col, value) -> dict:

@@ -74,6 +74,7 @@ def verify_quantized(
     *,
     providers: Sequence[str] | None = None,
     min_top1_agreement: float | None = None,
+    reference_logits: tuple[str, np.ndarray] | None = None,
 ) -> VerifyResult:
     """Verify the quantized model at `path` against the original at `reference`.
 
@@ -85,6 +86,8 @@ def verify_quantized(
         token_ids: int ``[seq]`` for the logits comparison.
         providers: onnxruntime providers for the logits run (the fusion check is on CPU).
         min_top1_agreement: fail when the share of positions whose argmax matches is below this.
+        reference_logits: (output name, the original's logits on `token_ids`) when already computed (e.g.
+            by detection's first pass): the original is then not run again.
 
     Returns:
         The result; ``result.failures`` is empty when everything passed.
@@ -103,15 +106,18 @@ def verify_quantized(
     from sw_onnx.inputs import build_feeds, logits_output_name
 
     try:
-        from sw_onnx.io import create_session, load_model
+        if reference_logits is not None:
+            out_name, reference_logits = reference_logits
+        else:
+            from sw_onnx.io import create_session, load_model
 
-        # The original's weights are fed from memory maps whose pages are dropped as the run goes, so its
-        # run does not hold the whole fp32 model (bench/large_model.py: 2.4 GB -> 0.4 GB peak RSS).
-        ref_session = create_session(load_model(reference), providers=list(providers) if providers else None,
-                                     stream_weights=True)
-        out_name = logits_output_name(ref_session)
-        reference_logits = ref_session.run([out_name], build_feeds(ref_session, token_ids))[0]
-        del ref_session
+            # The original's weights are fed from memory maps whose pages are dropped as the run goes, so its
+            # run does not hold the whole fp32 model (bench/large_model.py: 2.4 GB -> 0.4 GB peak RSS).
+            ref_session = create_session(load_model(reference), providers=list(providers) if providers else None,
+                                         stream_weights=True)
+            out_name = logits_output_name(ref_session)
+            reference_logits = ref_session.run([out_name], build_feeds(ref_session, token_ids))[0]
+            del ref_session
     except Exception as e:
         result.failures.append(f"the original model does not run in onnxruntime: {_first_line(e)}")
         result.seconds = time.perf_counter() - started

@@ -390,3 +390,28 @@ def test_output_whose_weights_file_is_the_inputs_external_data_is_refused(tmp_pa
     other.write_bytes(sample.path.read_bytes())
     with pytest.raises(UsageError, match="is the input's external data"):
         quantize_model(other, sample.path, QuantizeConfig(keep="none", force=True))
+
+
+def test_verification_reuses_detections_logits_and_agrees_with_its_own_run(samples, tmp_path):
+    """keep=auto: the original's logits come from detection's first pass (no second run of the original);
+    they equal a plain onnxruntime run of the original, and verification gives the same figures either way."""
+    from sw_onnx.detect import detect
+    from sw_onnx.inputs import prompt_token_ids
+    from sw_onnx.io import load_model
+    from sw_onnx.verify import verify_quantized
+
+    sample = samples["optimum"]
+    ids, _ = prompt_token_ids(sample.path)
+    name, logits = detect(load_model(sample.path), ids).reference_logits
+    assert name == "logits"
+    session = ort.InferenceSession(str(sample.path), providers=["CPUExecutionProvider"])
+    from sw_onnx.inputs import build_feeds
+
+    own = session.run(["logits"], build_feeds(session, ids))[0]
+    np.testing.assert_allclose(logits, own, rtol=1e-5, atol=1e-5)
+    out = tmp_path / "q.onnx"
+    summary = quantize_model(sample.path, out, QuantizeConfig(keep="auto"))
+    nodes = [d.quantized_node for d in summary.quantized]
+    rerun = verify_quantized(out, sample.path, nodes, ids)
+    for key in ("max_abs_diff", "mean_abs_diff", "top1_agreement"):
+        assert summary.verification["logits"][key] == pytest.approx(rerun.logits[key], rel=1e-4, abs=1e-5)
