@@ -54,7 +54,7 @@ if tool == "ort":
     q.model.save_model_to_file(dst, use_external_data_format=False)
 else:
     from sw_onnx.quantize import QuantizeConfig, quantize_model
-    quantize_model(src, dst, QuantizeConfig(**params, force=True, verify=False))
+    quantize_model(src, dst, QuantizeConfig(**{"lm_head_bits": 0, **params}, force=True, verify=False))  # same layers as onnxruntime
 print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c, "peak_rss_mb": peak()}))
 """
 

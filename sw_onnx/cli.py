@@ -142,7 +142,8 @@ SymmetricOpt = Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Si
 ClipOpt = Annotated[str, typer.Option("--clip", help="Block range: none (min-max), zscore[:Z] (paper Eq. 2) or mse (w^2-weighted error search).")]
 KeepOpt = Annotated[str, typer.Option("--keep", help="Super weights kept exact: auto (detect first), none, or a sw-onnx detect --json report.")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave float the linear layers whose node name matches this glob (repeatable).", show_default=False)]
-LmHeadOpt = Annotated[bool, typer.Option("--lm-head/--no-lm-head", help="Quantize the lm_head (the layer that outputs the logits) too.")]
+LmHeadOpt = Annotated[bool, typer.Option("--lm-head/--no-lm-head", help="Quantize the lm_head (the layer that outputs the logits) at --bits and --block-size like the others.")]
+LmHeadBitsOpt = Annotated[int, typer.Option("--lm-head-bits", help="Without --lm-head: the lm_head's bits, blocks of 32 (8: no measurable loss, fused by onnxruntime; 0 keeps it float).")]
 FormatOpt = Annotated[str, typer.Option("--format", help="qdq: standard ONNX DequantizeLinear+MatMul (opset 21), fused by onnxruntime; nbits: com.microsoft MatMulNBits.")]
 VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Check the written model (checker, fusion, logits) before publishing it.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
@@ -212,6 +213,7 @@ def quantize(
     keep: KeepOpt = _QDEFAULT.keep,
     exclude: ExcludeOpt = None,
     lm_head: LmHeadOpt = _QDEFAULT.include_lm_head,
+    lm_head_bits: LmHeadBitsOpt = _QDEFAULT.lm_head_bits,
     format: FormatOpt = _QDEFAULT.format,
     verify: VerifyOpt = _QDEFAULT.verify,
     json_path: JsonOpt = None,
@@ -234,6 +236,7 @@ def quantize(
         exclude=tuple(exclude or ()), include_lm_head=lm_head, format=format, verify=verify, force=force,
         providers=tuple(_providers(provider)) if provider != "cpu" else None,
         activations=activations, calib_text=str(calib_text) if calib_text is not None else None, sa_keep_out=sa_keep_out,
+        lm_head_bits=lm_head_bits,
     )
     try:
         summary = quantize_model(model, output, config, progress=_progress)

@@ -88,7 +88,7 @@ def test_every_quantized_layer_fuses_and_the_output_runs(samples, variant, tmp_p
 def test_nbits_format_writes_matmulnbits_with_accuracy_levels(samples, tmp_path):
     sample = samples["optimum"]
     out = tmp_path / "q.onnx"
-    summary = quantize_model(sample.path, out, QuantizeConfig(format="nbits", keep=_keep(sample)))
+    summary = quantize_model(sample.path, out, QuantizeConfig(format="nbits", keep=_keep(sample), lm_head_bits=0))
     assert summary.verification["passed"] and summary.opset["method"] == "unchanged"
     model = onnx.load(str(out))
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
@@ -169,7 +169,7 @@ def test_per_channel_is_dequantizelinear_axis_1_and_fuses(samples, tmp_path, bit
 def test_per_channel_nbits_is_one_block_of_the_next_power_of_two(samples, tmp_path):
     sample = samples["optimum"]
     out = tmp_path / "q.onnx"
-    config = QuantizeConfig(block_size=0, format="nbits", keep="none", sa_keep_out=False)
+    config = QuantizeConfig(block_size=0, format="nbits", keep="none", sa_keep_out=False, lm_head_bits=0)
     summary = quantize_model(sample.path, out, config)
     assert summary.verification["passed"]
     blocks = {}
@@ -415,3 +415,43 @@ def test_verification_reuses_detections_logits_and_agrees_with_its_own_run(sampl
     rerun = verify_quantized(out, sample.path, nodes, ids)
     for key in ("max_abs_diff", "mean_abs_diff", "top1_agreement"):
         assert summary.verification["logits"][key] == pytest.approx(rerun.logits[key], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "nbits"])
+def test_lm_head_is_int8_by_default_fused_at_accuracy_level_4(samples, tmp_path, fmt):
+    """Default: the lm_head, left out of the int4 pass, becomes 8-bit blocks of 32 that onnxruntime runs as
+    MatMulNBits bits=8 at accuracy_level 4 (levels 0-3 are a slow fallback); --lm-head-bits 0 keeps it float.
+    Its logits stay close to the float-head model's (a numpy reference of the int8 rounding bounds them)."""
+    from sw_onnx.verify import _session
+
+    sample = samples["optimum"]
+    model = onnx_ir_load(sample.path)
+    head_node = find_lm_head(model, find_linear_layers(model)[0]).name
+    outs = {}
+    for bits in (8, 0):
+        out = tmp_path / f"head{bits}.onnx"
+        summary = quantize_model(sample.path, out, QuantizeConfig(keep="none", format=fmt, lm_head_bits=bits))
+        head = next(d for d in summary.layers if d.node == head_node)
+        assert summary.verification["passed"]
+        assert head.action == ("quantized" if bits else "skipped")
+        outs[bits] = out
+    assert summary.verification["expected_fused"] == 28  # the float-head run
+    optimized = tmp_path / "opt.onnx"
+    session = _session(outs[8], ["CPUExecutionProvider"], optimized=optimized)
+    fused = {n.name: n for n in onnx.load(str(optimized), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
+    assert len(fused) == 29
+    (head,) = [n for name, n in fused.items() if name.startswith(head_node)]
+    attrs = {a.name: a.i for a in head.attribute}
+    assert attrs["bits"] == 8 and attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
+    feeds = make_feeds(sample)
+    with_head = session.run(["logits"], feeds)[0]
+    float_head = _session(outs[0], ["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    # int8 weights (step <= max|w|/127 per block of 32) and int8 activation blocks at level 4: about 1%.
+    assert np.abs(with_head - float_head).max() <= 0.02 * np.abs(float_head).max()
+    assert (with_head.argmax(-1) == float_head.argmax(-1)).mean() >= 0.9
+
+
+def onnx_ir_load(path):
+    from sw_onnx.io import load_model
+
+    return load_model(path)
