@@ -32,15 +32,6 @@ def run_measured(cmd: list[str], *, cwd: str | os.PathLike | None = None, env: d
     return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": stdout}
 
 
-def peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM), for benchmarks that time steps inside a child process."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def write_outputs(text: str, data: dict, markdown: str | None, json_path: str | None) -> None:
     """Print the markdown `text`, and write it and `data` where asked."""
     print(text)

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _proc import write_outputs  # noqa: E402
 
 PROMPTS = (
     "Apple Inc. is a worldwide tech company.",
@@ -249,12 +251,7 @@ def main() -> None:
         lines.append(f"| {name} | `{r['command']}` | {level} | {r['perplexity']:.2f} | {r['perplexity'] / base['perplexity'] - 1:+.1%} | "
                      f"{r['top1_agreement']:.1%} | {r['greedy_same_tokens']}/{r['greedy_tokens']} ({np.mean(r['greedy_common_prefix']):.1f}) | {decode} | {ratio} | {fastest} | {ratio_min} | "
                      f"{r['bytes'] / 1e6:.0f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(rows, indent=2))
+    write_outputs("\n".join(lines), rows, args.markdown, args.json_path)
 
 
 if __name__ == "__main__":

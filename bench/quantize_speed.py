@@ -83,14 +83,13 @@ def main() -> None:
         run_measured([sys.executable, "-c", _TO_EXTERNAL, str(src), str(external)])
         weight_bytes = int(run_measured([sys.executable, "-c", _WEIGHT_BYTES, str(src)], cwd=ROOT)["stdout"])
         for storage, model in (("inline", src), ("external data", external)):
-            report = work / f"{external.parent.name if model == external else 'inline'}-detect.json"
+            report = work / f"{storage.replace(' ', '-')}-detect.json"
             run_measured([sys.executable, "-m", "sw_onnx.cli", "detect", str(model), "--json", str(report)], cwd=ROOT)
             out_dir = work / "out"
-            for tool in _commands(model, out_dir / "q.onnx", args.block_size, report):
+            for tool, cmd in _commands(model, out_dir / "q.onnx", args.block_size, report).items():
                 runs = []
                 for _ in range(args.repeat):
                     out_dir.mkdir(exist_ok=True)
-                    cmd = _commands(model, out_dir / "q.onnx", args.block_size, report)[tool]
                     runs.append(run_measured(cmd, cwd=ROOT))
                     shutil.rmtree(out_dir)
                 rows.append({"storage": storage, "tool": tool,

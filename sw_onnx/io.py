@@ -19,7 +19,9 @@ file at that path untouched, and is raised as `OutputWriteError`.
 
 from __future__ import annotations
 
+import collections
 import errno
+import functools
 import logging
 import math
 import os
@@ -27,7 +29,7 @@ import shutil
 import stat
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -668,10 +670,12 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
         tmp_model = tmp_dir / path.name
         data_name = f"{path.name}.data"
         if external_data:
+            from sw_onnx.kernels import usable_cpus
+
             # 4096-aligned large tensors: onnxruntime can memory-map them instead of copying them to its heap.
             # Lazy tensors (quantized weights) are computed by several threads, a bounded number at a time.
             ir.save(model, tmp_model, format="protobuf", external_data=data_name, alignment=4096,
-                    max_workers=_save_workers(), max_in_flight_bytes=_SAVE_IN_FLIGHT_BYTES)
+                    max_workers=usable_cpus(), max_in_flight_bytes=_SAVE_IN_FLIGHT_BYTES)
         else:
             _save_inline(model, tmp_model)
         moves = []
@@ -704,10 +708,6 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
 _SAVE_IN_FLIGHT_BYTES = 64 << 20
 
 
-def _save_workers() -> int:
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 def _tensor_bytes(tensor: ir.TensorProtocol):
     """The tensor's raw_data bytes; a mapped weight's are a view of its mapping (no copy on the heap)."""
     if isinstance(tensor, _MappedOnDemand) and tensor.size and tensor.dtype.bitwidth >= 8 and tensor._array is None:
@@ -716,62 +716,67 @@ def _tensor_bytes(tensor: ir.TensorProtocol):
     return tensor.tobytes()
 
 
-def _save_inline(model: ir.Model, path: Path) -> None:
-    """Write `model` as one .onnx with inline weights, tensor by tensor (`sw_onnx.wire.write_model`): the
-    graph is serialized without its large initializers, which are then computed (lazy ones by a few threads
-    ahead of the writer, at most `_SAVE_IN_FLIGHT_BYTES` at once) and appended one at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from sw_onnx.wire import write_model
-
-    streamed: dict[str, ir.TensorProtocol] = {}
+def proto_with_placeholders(model: ir.Model, select: Callable[[ir.TensorProtocol], bool] = lambda tensor: True):
+    """(the model as a ModelProto whose `select`-ed main-graph initializers are data-less external
+    references, their names): serializing it reads no weight, whatever holds them (mapped, lazy, in memory)."""
+    originals: dict[str, ir.TensorProtocol] = {}
     for name, value in model.graph.initializers.items():
         const = value.const_value
-        # All but strings (no raw_data), however small: the file's layout then does not depend on how each
-        # tensor is held (computing a lazy one may read any weight, a mapped one must not become a reference).
-        if const is not None and const.dtype != ir.DataType.STRING:
-            streamed[name] = const
-            value.const_value = ir.ExternalTensor(  # a placeholder: serializing it reads nothing
+        if const is not None and select(const):
+            originals[name] = const
+            value.const_value = ir.ExternalTensor(
                 "sw-onnx-placeholder.bin", 0, 0, const.dtype, shape=const.shape, name=name,
                 doc_string=const.doc_string, metadata_props=dict(const.metadata_props) or None)
     try:
-        proto = ir.to_proto(model)
+        return ir.to_proto(model), set(originals)
     finally:
-        for name, const in streamed.items():
+        for name, const in originals.items():
             model.graph.initializers[name].const_value = const
-    headers = {}
-    kept = []
+
+
+def _computed_ahead(pool, jobs: Sequence[Callable[[], object]], sizes: Sequence[int], limit: int) -> Iterator:
+    """Each job's result in order, the next ones computed on `pool` meanwhile: at most `limit` bytes (by
+    `sizes`) in flight, and always at least the one being waited for."""
+    pending: collections.deque = collections.deque()
+    in_flight = submitted = 0
+    for i in range(len(jobs)):
+        while submitted < len(jobs) and (submitted == i or in_flight + sizes[submitted] <= limit):
+            pending.append(pool.submit(jobs[submitted]))
+            in_flight += sizes[submitted]
+            submitted += 1
+        yield pending.popleft().result()
+        in_flight -= sizes[i]
+
+
+def _save_inline(model: ir.Model, path: Path) -> None:
+    """Write `model` as one .onnx with inline weights, tensor by tensor (`sw_onnx.wire.write_model`): the
+    graph is serialized without its initializers, which are then computed (lazy ones by a few threads ahead
+    of the writer, at most `_SAVE_IN_FLIGHT_BYTES` at once) and appended one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sw_onnx.kernels import usable_cpus
+    from sw_onnx.wire import write_model
+
+    # All but strings (no raw_data), however small: the file's layout then does not depend on how each
+    # tensor is held (computing a lazy one may read any weight, a mapped one must not become a reference).
+    proto, streamed = proto_with_placeholders(model, lambda tensor: tensor.dtype != ir.DataType.STRING)
+    headers, tensors, kept = [], [], []
     for tensor in proto.graph.initializer:
         if tensor.name in streamed:
             del tensor.external_data[:]
             tensor.ClearField("data_location")
-            headers[tensor.name] = tensor.SerializeToString()
+            const = model.graph.initializers[tensor.name].const_value
+            headers.append((tensor.SerializeToString(), _nbytes(const)))
+            tensors.append(const)
         else:
             kept.append(tensor)
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
     skeleton = proto.SerializeToString()
     del proto
-    order = list(streamed)
-    sizes = [_nbytes(streamed[name]) for name in order]
-    with ThreadPoolExecutor(max_workers=_save_workers(), thread_name_prefix="sw-onnx-save") as pool:
-        pending: dict[int, object] = {}
-        submitted = 0
-
-        def data(i: int):
-            nonlocal submitted
-            def get():
-                nonlocal submitted
-                in_flight = sum(sizes[j] for j in pending)
-                while submitted < len(order) and (submitted == i or in_flight + sizes[submitted] <= _SAVE_IN_FLIGHT_BYTES):
-                    pending[submitted] = pool.submit(_tensor_bytes, streamed[order[submitted]])
-                    in_flight += sizes[submitted]
-                    submitted += 1
-                return pending.pop(i).result()
-            return get
-
-        with open(path, "wb") as f:
-            write_model(f, skeleton, ((headers[name], sizes[i], data(i)) for i, name in enumerate(order)))
+    jobs = [functools.partial(_tensor_bytes, tensor) for tensor in tensors]
+    with ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="sw-onnx-save") as pool, open(path, "wb") as f:
+        write_model(f, skeleton, headers, _computed_ahead(pool, jobs, [n for _, n in headers], _SAVE_IN_FLIGHT_BYTES))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ __all__ = [
     "quantize_blockwise",
     "to_matmulnbits",
     "unpack_int4_low_first",
+    "usable_cpus",
 ]
 
 DEFAULT_ZSCORE = 12.0
@@ -507,14 +508,17 @@ def _executor(threads: int) -> ThreadPoolExecutor:
     return _EXECUTORS[threads]
 
 
-def _search_threads() -> int:
-    if SEARCH_THREADS is not None:
-        return max(1, int(SEARCH_THREADS))
+def usable_cpus(limit: int = 8) -> int:
+    """The CPUs this process may run on (its affinity), at most `limit`: the thread count of a pool."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    return max(1, min(cores, limit))
+
+
+def _search_threads() -> int:
+    return max(1, int(SEARCH_THREADS)) if SEARCH_THREADS is not None else usable_cpus()
 
 
 def _search_mse(

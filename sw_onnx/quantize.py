@@ -127,7 +127,8 @@ class QuantizeConfig:
             35.52 vs 37.49 without; docs/activation_quant.md). W8A8: replaced by the median before
             quantization and restored exactly after (paper Eq. 1); off is the naive W8A8.
         lm_head_bits: weight-only, without ``include_lm_head``: the lm_head's own bits, in blocks of
-            `LM_HEAD_BLOCK_SIZE` (8: onnxruntime fuses it into MatMulNBits ``bits=8``; 0 keeps it float).
+            `sw_onnx.passes.quantize.LM_HEAD_BLOCK_SIZE` (8: onnxruntime fuses it into MatMulNBits
+            ``bits=8``; 0 keeps it float).
             As llama.cpp keeps its output tensor at 6 bits: the lm_head is 21% of SmolLM2-135M's weights
             and the fp32 one held int4 decoding at 0.51x fp32; at 8 bits, perplexity 34.86 vs 34.87 float
             (int4 b32 default; 4 bits: 37.62), decode about 0.40-0.47x fp32 (``bench/inference_speed.py``).
@@ -392,15 +393,13 @@ def quantize_model(
         qpass = QuantizeWeightsPass(
             bits=config.bits, block_size=config.block_size, symmetric=config.symmetric, clip=config.clip,
             zscore=config.zscore, keep=keep, exclude=config.exclude, include_lm_head=config.include_lm_head,
-            format=config.format, accuracy_levels=accuracy_levels,
+            lm_head_bits=config.lm_head_bits, format=config.format, accuracy_levels=accuracy_levels,
             structure=upgrade.structure if sa_pass is None else None,  # still the graph as it is
         )
     qpass(model)
     if sa_pass is not None:
         sa_pass.annotate(qpass.decisions)
     decisions = qpass.decisions
-    if config.activations == "none" and not config.include_lm_head and config.lm_head_bits:
-        decisions = _quantize_lm_head(model, config, decisions)
     quantized = [d for d in decisions if d.action == "quantized"]
     if not quantized:
         reasons = sorted({d.reason for d in decisions}) or ["no linear layer found"]
@@ -463,38 +462,6 @@ def quantize_model(
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-LM_HEAD_BLOCK_SIZE = 32
-"""Block of ``lm_head_bits``: 8-bit b32 cost nothing measurable on SmolLM2 (b128: +0.15 perplexity)."""
-
-
-def _quantize_lm_head(model: ir.Model, config: QuantizeConfig, decisions: list[LayerDecision]) -> list[LayerDecision]:
-    """Quantize the lm_head, left float by the main pass, at ``config.lm_head_bits``: the same pass again, on
-    that layer only. Returns `decisions` with the lm_head's replaced."""
-    import glob
-
-    from sw_onnx.discover import find_linear_layers
-    from sw_onnx.passes.quantize import QuantizeWeightsPass, find_lm_head
-
-    head = next((d for d in decisions if d.is_lm_head and d.action == "skipped"
-                 and d.reason.startswith("lm_head")), None)  # not when excluded or not a float weight
-    layers, _ = find_linear_layers(model)
-    lm_head = find_lm_head(model, layers)
-    if head is None or lm_head is None or lm_head.name != head.node:
-        return decisions
-    others = tuple(glob.escape(layer.name) for layer in layers if layer is not lm_head)
-    # accuracy_level 4 (int8 activations): MatMulNBits bits=8 at levels 0-3 runs a fallback ~15x slower
-    # than fp32 on CPU (onnxruntime 1.32).
-    head_pass = QuantizeWeightsPass(
-        bits=config.lm_head_bits, block_size=LM_HEAD_BLOCK_SIZE, symmetric=config.symmetric, clip=config.clip,
-        zscore=config.zscore, exclude=others, include_lm_head=True, format=config.format,
-        accuracy_levels={lm_head.name: 4},
-    )
-    head_pass(model)
-    (done,) = [d for d in head_pass.decisions if d.node == lm_head.name]
-    done.reason = f"{done.reason}; lm_head at {config.lm_head_bits} bits, blocks of {LM_HEAD_BLOCK_SIZE} (--lm-head-bits)"
-    return [done if d is head else d for d in decisions]
 
 
 def _check_output(src: Path, out: Path, config: QuantizeConfig) -> None:

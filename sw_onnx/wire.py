@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -164,20 +164,21 @@ def _strip(buf, size: int, location: str, min_bytes: int) -> bytes | None:
 def write_model(
     f: BinaryIO,
     skeleton: bytes,
-    initializers: Iterable[tuple[bytes, int, Callable[[], bytes | memoryview]]],
+    initializers: Sequence[tuple[bytes, int]],
+    data: Iterable[bytes | memoryview],
 ) -> None:
     """Write a ModelProto: `skeleton` (the serialized model without the main graph's initializers; its graph
-    field, if any, is extended) plus each initializer, given as (its TensorProto serialized without
-    raw_data, the raw_data length, a function returning those bytes). The functions are called one at a
-    time, in order, while writing: only one tensor's bytes exist at once.
+    field, if any, is extended) plus each initializer, given as (its TensorProto serialized without raw_data,
+    the raw_data length), whose bytes `data` yields in the same order. `data` is drawn one tensor at a time,
+    while writing: only the tensors it holds ahead exist at once.
     """
-    framed = []  # (header bytes, raw_data length, data function)
+    framed = []  # (field head up to the raw_data bytes, raw_data length)
     graph_extra = 0
-    for header, length, data in initializers:
+    for header, length in initializers:
         raw_head = _encode_varint(_TENSOR_RAW_DATA << 3 | _LENGTH_DELIMITED) + _encode_varint(length)
         tensor_len = len(header) + len(raw_head) + length
         head = _encode_varint(_GRAPH_INITIALIZER << 3 | _LENGTH_DELIMITED) + _encode_varint(tensor_len) + header + raw_head
-        framed.append((head, length, data))
+        framed.append((head, length))
         graph_extra += len(head) + length
     parts: list[bytes] = []
     graph = None
@@ -194,10 +195,12 @@ def write_model(
     f.write(b"".join(parts))
     f.write(_encode_varint(_MODEL_GRAPH << 3 | _LENGTH_DELIMITED) + _encode_varint(len(graph) + graph_extra))
     f.write(graph)
-    for head, length, data in framed:
+    chunks = iter(data)
+    for head, length in framed:
         f.write(head)
-        chunk = data()
-        if len(chunk) != length:
-            raise ValueError(f"write_model: a tensor produced {len(chunk)} bytes, {length} announced")
+        chunk = next(chunks, None)
+        if chunk is None or len(chunk) != length:
+            got = "nothing" if chunk is None else f"{len(chunk)} bytes"
+            raise ValueError(f"write_model: a tensor produced {got}, {length} announced")
         f.write(chunk)
         del chunk

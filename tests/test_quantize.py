@@ -207,6 +207,16 @@ def test_block_size_must_be_a_power_of_two_from_16_or_0(block_size):
         QuantizeWeightsPass(block_size=block_size)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 16, -8])
+def test_lm_head_bits_must_be_0_4_or_8(bits, samples, monkeypatch, capsys):
+    with pytest.raises(UsageError, match="--lm-head-bits"):
+        QuantizeConfig(lm_head_bits=bits).validate()
+    with pytest.raises(ValueError, match="lm_head_bits"):
+        QuantizeWeightsPass(lm_head_bits=bits)
+    assert _cli(monkeypatch, "quantize", samples["optimum"].path, "--lm-head-bits", bits) == 2
+    assert "--lm-head-bits" in capsys.readouterr().err and not list(samples["optimum"].path.parent.glob("*.uint4*"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Keep-out
 
@@ -422,10 +432,11 @@ def test_lm_head_is_int8_by_default_fused_at_accuracy_level_4(samples, tmp_path,
     """Default: the lm_head, left out of the int4 pass, becomes 8-bit blocks of 32 that onnxruntime runs as
     MatMulNBits bits=8 at accuracy_level 4 (levels 0-3 are a slow fallback); --lm-head-bits 0 keeps it float.
     Its logits stay close to the float-head model's (a numpy reference of the int8 rounding bounds them)."""
+    from sw_onnx.io import load_model
     from sw_onnx.verify import _session
 
     sample = samples["optimum"]
-    model = onnx_ir_load(sample.path)
+    model = load_model(sample.path)
     head_node = find_lm_head(model, find_linear_layers(model)[0]).name
     outs = {}
     for bits in (8, 0):
@@ -449,9 +460,3 @@ def test_lm_head_is_int8_by_default_fused_at_accuracy_level_4(samples, tmp_path,
     # int8 weights (step <= max|w|/127 per block of 32) and int8 activation blocks at level 4: about 1%.
     assert np.abs(with_head - float_head).max() <= 0.02 * np.abs(float_head).max()
     assert (with_head.argmax(-1) == float_head.argmax(-1)).mean() >= 0.9
-
-
-def onnx_ir_load(path):
-    from sw_onnx.io import load_model
-
-    return load_model(path)

@@ -123,11 +123,11 @@ def test_write_model_refuses_a_tensor_of_the_wrong_length():
     header = TensorProto(name="t", dims=[4], data_type=TensorProto.FLOAT).SerializeToString()
     skeleton = onnx.ModelProto(ir_version=8, graph=onnx.GraphProto(name="g")).SerializeToString()
     buffer = io.BytesIO()
-    write_model(buffer, skeleton, [(header, 16, lambda: np.arange(4, dtype=np.float32).tobytes())])
+    write_model(buffer, skeleton, [(header, 16)], [np.arange(4, dtype=np.float32).tobytes()])
     model = onnx.ModelProto.FromString(buffer.getvalue())
     np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]), np.arange(4, dtype=np.float32))
     with pytest.raises(ValueError, match="announced"):
-        write_model(io.BytesIO(), skeleton, [(header, 16, lambda: b"\0" * 12)])
+        write_model(io.BytesIO(), skeleton, [(header, 16)], [b"\0" * 12])
 
 
 @pytest.mark.parametrize("variant", ["optimum", "gemm"])
