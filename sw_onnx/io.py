@@ -27,8 +27,10 @@ import math
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -399,6 +401,10 @@ def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
                     yield from attr.value
 
 
+# Every mapping `_MappedOnDemand.mapped` made that is still alive: what a save keeps dropping pages of.
+_LIVE_MAPPINGS: weakref.WeakSet = weakref.WeakSet()
+
+
 class _MappedOnDemand(ir.ExternalTensor):
     """An `ir.ExternalTensor` whose `numpy()` maps just its own bytes, afresh, and caches nothing.
 
@@ -426,6 +432,7 @@ class _MappedOnDemand(ir.ExternalTensor):
         dt = np.dtype(self.dtype.numpy()).newbyteorder("<")
         with open(self.path, "rb") as f:
             mapping = mmap.mmap(f.fileno(), self.nbytes + offset - start, offset=start, access=mmap.ACCESS_READ)
+        _LIVE_MAPPINGS.add(mapping)
         array = np.frombuffer(mapping, dtype=dt, offset=offset - start, count=self.size)
         return array.reshape(self.shape.numpy()), mapping
 
@@ -669,15 +676,18 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         tmp_model = tmp_dir / path.name
         data_name = f"{path.name}.data"
-        if external_data:
-            from sw_onnx.kernels import usable_cpus
+        # Every weight is read once (copied, or quantized); mapped pages would otherwise stay resident while
+        # their tensor is in use: a whole embedding table at once.
+        with _PageDropper(_LIVE_MAPPINGS):
+            if external_data:
+                from sw_onnx.kernels import usable_cpus
 
-            # 4096-aligned large tensors: onnxruntime can memory-map them instead of copying them to its heap.
-            # Lazy tensors (quantized weights) are computed by several threads, a bounded number at a time.
-            ir.save(model, tmp_model, format="protobuf", external_data=data_name, alignment=4096,
-                    max_workers=usable_cpus(), max_in_flight_bytes=_SAVE_IN_FLIGHT_BYTES)
-        else:
-            _save_inline(model, tmp_model)
+                # 4096-aligned large tensors: onnxruntime can memory-map them instead of copying them to its
+                # heap. Lazy tensors (quantized weights) are computed by several threads, a bounded number at a time.
+                ir.save(model, tmp_model, format="protobuf", external_data=data_name, alignment=4096,
+                        max_workers=usable_cpus(), max_in_flight_bytes=_SAVE_IN_FLIGHT_BYTES)
+            else:
+                _save_inline(model, tmp_model)
         moves = []
         if external_data and (tmp_dir / data_name).exists():
             moves.append((tmp_dir / data_name, path.parent / data_name))
@@ -709,11 +719,12 @@ _SAVE_IN_FLIGHT_BYTES = 64 << 20
 
 
 def _tensor_bytes(tensor: ir.TensorProtocol):
-    """The tensor's raw_data bytes; a mapped weight's are a view of its mapping (no copy on the heap)."""
-    if isinstance(tensor, _MappedOnDemand) and tensor.size and tensor.dtype.bitwidth >= 8 and tensor._array is None:
-        array, _ = tensor.mapped()  # little-endian on disk, as raw_data; the view keeps the mapping alive
-        return memoryview(array.reshape(-1).view(np.uint8))
-    return tensor.tobytes()
+    """The tensor's raw_data bytes. A view of its array where that is the same bytes (byte-sized elements,
+    little-endian): a mapped weight's then stay in its mapping and a computed one's are not copied."""
+    if (not isinstance(tensor, ir.TensorProtoTensor) and tensor.dtype.bitwidth >= 8 and sys.byteorder == "little"
+            and tensor.size):
+        return memoryview(np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8))
+    return tensor.tobytes()  # packed 4-bit types, big-endian hosts, and parsed protobuf bytes as they are
 
 
 def proto_with_placeholders(model: ir.Model, select: Callable[[ir.TensorProtocol], bool] = lambda tensor: True):
@@ -812,7 +823,7 @@ _STREAM_MIN_BYTES = 1 << 20
 
 
 class _PageDropper:
-    """While onnxruntime runs, keep dropping the resident pages of the weights' memory maps.
+    """While onnxruntime runs (or a model is saved), keep dropping the resident pages of the weights' memory maps.
 
     A run reads every weight once; mapped file pages would otherwise stay resident (and counted in RSS) until
     the mapping goes, so the process would hold the whole model. ``madvise(MADV_DONTNEED)`` on a read-only
@@ -830,7 +841,11 @@ class _PageDropper:
     def _drop(self) -> None:
         import mmap
 
-        for mapping in self.mappings:
+        try:
+            mappings = list(self.mappings)
+        except RuntimeError:  # a live set that another thread changed meanwhile: next time
+            return
+        for mapping in mappings:
             try:
                 mapping.madvise(mmap.MADV_DONTNEED)
             except (OSError, ValueError):  # closed, or not supported here

@@ -682,3 +682,25 @@ def test_property_round_trip_reference_and_packing(k, n, bits, block_size, symme
             block = slice(0, min(block_size, k))
             column = unpack_int4_low_first(b[n - 1, 0], min(block_size, k), signed=False).astype(int)
             np.testing.assert_array_equal(column - (8 if symmetric else 0), qw.q[block, n - 1])
+
+
+@pytest.mark.parametrize("clip", ["none", "zscore", "mse"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_column_slices_give_the_whole_matrix_result(clip, symmetric, monkeypatch):
+    """Wide weights are quantized in column slices (bounded temporaries): codes, scales and zero points must
+    equal those of one pass over the whole matrix, keep-out and a ragged last block and slice included."""
+    import sw_onnx.kernels as kernels
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_t(df=3, size=(70, 53)) * 0.02).astype(np.float32)
+    keep = [(5, 0), (69, 52), (33, 17)]
+    whole = quantize_blockwise(w, bits=4, block_size=32, symmetric=symmetric, clip=clip, keep_out=keep)
+    monkeypatch.setattr(kernels, "_COLUMN_SLICE", 96 * 5)  # 5 columns per slice (3 blocks of 32 each)
+    sliced = quantize_blockwise(w, bits=4, block_size=32, symmetric=symmetric, clip=clip, keep_out=keep)
+    np.testing.assert_array_equal(sliced.q, whole.q)
+    np.testing.assert_array_equal(sliced.scale, whole.scale)
+    if symmetric:
+        assert sliced.zero_point is None and whole.zero_point is None
+    else:
+        np.testing.assert_array_equal(sliced.zero_point, whole.zero_point)
+    assert sliced.q.dtype == whole.q.dtype and sliced.scale.dtype == np.float32
