@@ -7,8 +7,10 @@ QDQ, lm_head left float (onnxruntime does not see the tied lm_head's weight as a
 
 - onnxruntime RTN: `python -m onnxruntime.quantization.matmul_nbits_quantizer ... --symmetric False
   --quant_format QDQ` (round-to-nearest, native code).
-- sw-onnx, same work: round-to-nearest too (`--clip none`), super weights and super-activation channels
-  from a `sw-onnx detect --json` report made once beforehand, no verification: read, quantize, write.
+- sw-onnx RTN: round-to-nearest too (`--clip none`), super weights and super-activation channels from a
+  `sw-onnx detect --json` report made once beforehand, no verification: read, quantize, write. First with
+  the same layers as onnxruntime (`--lm-head-bits 0`), then as by default, with the lm_head (21% of
+  SmolLM2's weights) at 8 bits too.
 - sw-onnx default, from a report: the default MSE range search (what buys its perplexity, see
   docs/quantize_quality.md), report, no verification.
 - sw-onnx bare command: `sw-onnx quantize MODEL -o OUT`: detection, quantization and verification (the
@@ -56,7 +58,9 @@ def _commands(model: Path, out: Path, block: int, report: Path) -> dict[str, lis
         "onnxruntime RTN": [sys.executable, "-m", "onnxruntime.quantization.matmul_nbits_quantizer", "--input_model",
                             str(model), "--output_model", str(out), "--block_size", str(block), "--symmetric", "False",
                             "--quant_format", "QDQ"],
-        "sw-onnx, same work (RTN, report, no verify)": sw + ["--clip", "none", "--keep", str(report), "--no-verify"],
+        "sw-onnx RTN, same layers (--lm-head-bits 0), report, no verify": sw + ["--clip", "none", "--lm-head-bits", "0",
+                                                                             "--keep", str(report), "--no-verify"],
+        "sw-onnx RTN, report, no verify": sw + ["--clip", "none", "--keep", str(report), "--no-verify"],
         "sw-onnx default, report, no verify": sw + ["--keep", str(report), "--no-verify"],
         "sw-onnx bare command (detect + quantize + verify)": sw,
     }
