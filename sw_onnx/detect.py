@@ -221,6 +221,14 @@ class Detector:
             return {k: values[stat_output_name(kind, k)] for k in keys}
 
         positions = [layer.position for layer in self.layers]
+        for layer in self.layers:  # topological order: the first layer that sees or makes one
+            p = layer.position
+            if not (np.isfinite(values[stat_output_name("in_max", p)]).all()
+                    and np.isfinite(values[stat_output_name("out_max", p)]).all()):
+                raise UnsupportedGraphError(
+                    f"the model's activations hold NaN or infinite values on the prompt (from linear layer "
+                    f"{layer.name!r} on): no super weight can be told apart",
+                    hint="check that the weights are finite and that the export runs correctly")
         return _Pass(
             in_max=per("in_max", positions),
             in_argmax=per("in_argmax", positions),

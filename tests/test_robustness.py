@@ -191,6 +191,9 @@ CASES = {
     "quantize-opset-99": (
         lambda d, o, s, r: ["quantize", _edit(_copy_sample(s, "optimum", d), _set_opset(99)), "-o", o / "q.onnx"],
         1, "unsupported opset 99"),
+    "detect-nan-weight": (lambda d, o, s, r: ["detect", _edit(_copy_sample(s, "optimum", d), _nan_weight)], 1, "NaN or infinite"),
+    "quantize-nan-weight-keep-auto": (
+        lambda d, o, s, r: ["quantize", _edit(_copy_sample(s, "optimum", d), _nan_weight), "-o", o / "q.onnx"], 1, "NaN or infinite"),
     "quantize-nan-weight": (
         lambda d, o, s, r: ["quantize", _edit(_copy_sample(s, "optimum", d), _nan_weight), "-o", o / "q.onnx", "--keep", "none"],
         1, "NaN or infinite"),
