@@ -6,9 +6,11 @@ MatMulNBits bits=8), and the lm_head at int4 like the rest (`--lm-head`, about +
 
 For each model variant, in its own process: session load time, peak RSS, prefill latency (PROMPT tokens),
 decode latency per token with the KV cache (median over steps and repetitions), tokens/s, file size.
-Ratios are to fp32 in the same run. Writes a markdown table (stdout, and --markdown FILE) and --json.
+The variants run in rounds (each once per round, order rotated); ratios to fp32 and to onnxruntime's int4 are
+the median of the per-round ratios, so the machine's drift over minutes cancels. Writes a markdown table
+(stdout, and --markdown FILE) and --json.
 
-Usage: python bench/inference_speed.py [KV_MODEL_DIR] [--block-size 128] [--repeat 3] [--prefill 128] [--decode 32]
+Usage: python bench/inference_speed.py [KV_MODEL_DIR] [--block-size 128] [--rounds 5] [--repeat 1] [--prefill 128] [--decode 32]
 KV_MODEL_DIR defaults to the SmolLM2-135M KV-cache export (sample_models/export_smollm2.py --with-past).
 """
 
@@ -96,7 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?")
     parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--prefill", type=int, default=128)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--json", dest="json_path")
@@ -122,28 +125,41 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "sw_onnx.cli", "quantize", str(src), "-o", str(variants[name]),
                             "--block-size", str(args.block_size), "--bits", "4", *extra], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Rounds, each running every variant once (in a rotated order): the machine's drift over minutes
+        # then cancels in the per-round ratios, of which the median is reported.
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
+        names = list(variants)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                out = subprocess.run([sys.executable, "-c", CHILD, str(variants[name]), str(args.prefill), str(args.decode),
+                                      str(args.repeat)], capture_output=True, text=True, check=True).stdout
+                runs[name].append(json.loads(out.strip().splitlines()[-1]))
         rows = {}
         for name, path in variants.items():
-            out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(args.prefill), str(args.decode), str(args.repeat)],
-                                 capture_output=True, text=True, check=True).stdout
-            rows[name] = json.loads(out.strip().splitlines()[-1]) | {"bytes": _size(path)}
+            rows[name] = {key: statistics.median(run[key] for run in runs[name]) for key in runs[name][0]}
+            rows[name]["bytes"] = _size(path)
+            for peer in ("fp32", "onnxruntime int4"):
+                rows[name][f"decode_vs_{peer}"] = statistics.median(
+                    a["decode_s"] / b["decode_s"] for a, b in zip(runs[name], runs[peer]))
+            rows[name]["runs"] = runs[name]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    base = rows["fp32"]
     lines = [
-        f"Block {args.block_size}, prefill {args.prefill} tokens, decode {args.decode} tokens with KV cache, median of {args.repeat} runs, "
+        f"Block {args.block_size}, prefill {args.prefill} tokens, decode {args.decode} tokens with KV cache; {args.rounds} rounds "
+        f"(each variant once per round, {args.repeat} run(s) each), medians; ratios: median of the per-round ratios; "
         f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}.",
         "",
-        "| model | size MB | load s | peak RSS MB | prefill ms | decode ms/token | tokens/s | decode vs fp32 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | size MB | load s | peak RSS MB | prefill ms | decode ms/token | tokens/s | decode vs fp32 | decode vs onnxruntime int4 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['bytes'] / 1e6:.0f} | {r['load_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['prefill_s'] * 1000:.0f} | "
-                     f"{r['decode_s'] * 1000:.1f} | {1 / r['decode_s']:.1f} | {r['decode_s'] / base['decode_s']:.2f}x |")
-    same, sw, ort_q = rows["sw-onnx int4, lm_head float"], rows["sw-onnx int4 (default: lm_head int8)"], rows["onnxruntime int4"]
+                     f"{r['decode_s'] * 1000:.1f} | {1 / r['decode_s']:.1f} | {r['decode_vs_fp32']:.2f}x | "
+                     f"{r['decode_vs_onnxruntime int4']:.2f}x |")
+    same, sw = rows["sw-onnx int4, lm_head float"], rows["sw-onnx int4 (default: lm_head int8)"]
     lines.append("")
-    lines.append(f"Same layers as onnxruntime: sw-onnx int4 decode = {same['decode_s'] / ort_q['decode_s']:.2f}x onnxruntime int4. "
-                 f"sw-onnx default = {sw['decode_s'] / base['decode_s']:.2f}x fp32, {sw['decode_s'] / ort_q['decode_s']:.2f}x onnxruntime int4.")
+    lines.append(f"Same layers as onnxruntime: sw-onnx int4 decode = {same['decode_vs_onnxruntime int4']:.2f}x onnxruntime int4. "
+                 f"sw-onnx default = {sw['decode_vs_fp32']:.2f}x fp32, {sw['decode_vs_onnxruntime int4']:.2f}x onnxruntime int4.")
     write_outputs("\n".join(lines), rows, args.markdown, args.json_path)
 
 

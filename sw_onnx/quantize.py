@@ -129,9 +129,9 @@ class QuantizeConfig:
         lm_head_bits: weight-only, without ``include_lm_head``: the lm_head's own bits, in blocks of
             `sw_onnx.passes.quantize.LM_HEAD_BLOCK_SIZE` (8: onnxruntime fuses it into MatMulNBits
             ``bits=8``; 0 keeps it float).
-            As llama.cpp keeps its output tensor at 6 bits: the lm_head is 21% of SmolLM2-135M's weights
-            and the fp32 one held int4 decoding at 0.51x fp32; at 8 bits, perplexity 34.86 vs 34.87 float
-            (int4 b32 default; 4 bits: 37.62), decode about 0.40-0.47x fp32 (``bench/inference_speed.py``).
+            As llama.cpp keeps its output tensor at 6 bits: the lm_head is 21% of SmolLM2-135M's weights;
+            at 8 bits, perplexity 34.86 vs 34.87 float (int4 b32 default; 4 bits: 37.62) and KV-cache
+            decoding 0.49x fp32 instead of 0.63x (block 128, ``bench/inference_speed.py``).
             A tied lm_head's float table stays for the embedding (+33 MB on disk here).
     """
 
