@@ -45,9 +45,9 @@ r = detect(load_model(sys.argv[1]), ids)
 t1 = time.perf_counter()
 from sw_onnx.detect import Detector
 detector = Detector(load_model(sys.argv[1]))
-detector.run_pass(ids, {})  # creates the session
+detector.run(ids, {})  # creates the session
 t2 = time.perf_counter()
-detector.run_pass(ids, {})  # one iteration's run alone, as the plain run below
+detector.run(ids, {})  # one iteration's run alone, as the plain run below
 print(json.dumps({"total_s": t1 - t0, "passes": r.iterations, "super_weights": len(r.super_weights),
                   "pass_run_s": time.perf_counter() - t2}))
 """

@@ -27,13 +27,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from sw_onnx.analyze.input_stats import InputRange, InputStatsProbe, plan_input_ranges
+from sw_onnx.analyze.instrument import InstrumentLinearStatsPass, stat_output_name
 from sw_onnx.discover import LinearLayer, find_linear_layers, find_residual_chain, require_float_model
 from sw_onnx.errors import UnsupportedGraphError
 from sw_onnx.inputs import build_feeds, logits_output_name
 from sw_onnx.io import create_session, ort_value
 from sw_onnx.passes.ablate import scaled_initializers
-from sw_onnx.passes.activations import InputRange, InputStatsProbe, plan_input_ranges
-from sw_onnx.passes.instrument import InstrumentLinearStatsPass, stat_output_name
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +117,13 @@ class DetectResult:
     seconds: float
     history: list[dict]  # per iteration: per-layer peaks (for the plot)
     # Linear-layer inputs on the prompt (first pass), with their super-activation entries: what quantize's
-    # activation keep-out and W8A8 ranges use (`sw_onnx.passes.activations.plan_input_ranges`).
+    # activation keep-out and W8A8 ranges use (`sw_onnx.analyze.input_stats.plan_input_ranges`).
     input_ranges: dict[str, InputRange] = field(default_factory=dict)
     # (output name, the model's own logits on the prompt, first pass): quantize's verification reference.
     reference_logits: tuple[str, np.ndarray] | None = None
+    # The first pass's statistics and the layers they are keyed by (position): nbits accuracy levels.
+    first_pass: LayerStats | None = None
+    layers: list[LinearLayer] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -132,7 +135,7 @@ class DetectResult:
 
 
 @dataclass
-class _Pass:
+class LayerStats:
     """What one instrumented run returned, as numpy arrays keyed by layer position / residual index."""
 
     in_max: dict[int, np.ndarray]
@@ -192,7 +195,7 @@ class Detector:
         self._inputs_measured = False
         self.reference_logits: tuple[str, np.ndarray] | None = None
 
-    def run_pass(self, token_ids: np.ndarray, overrides: dict[str, np.ndarray]) -> _Pass:
+    def run(self, token_ids: np.ndarray, overrides: dict[str, np.ndarray]) -> LayerStats:
         if self._session is None:
             # Weights fed from memory maps whose pages are dropped during the run: memory stays at the
             # working set, not the model's size (bench/large_model.py).
@@ -229,7 +232,7 @@ class Detector:
                     f"the model's activations hold NaN or infinite values on the prompt (from linear layer "
                     f"{layer.name!r} on): no super weight can be told apart",
                     hint="check that the weights are finite and that the export runs correctly")
-        return _Pass(
+        return LayerStats(
             in_max=per("in_max", positions),
             in_argmax=per("in_argmax", positions),
             out_max=per("out_max", positions),
@@ -240,7 +243,7 @@ class Detector:
             resid_max=per("resid_max", range(len(self.residual_values))),
         )
 
-    def find_spikes(self, stats: _Pass, iteration: int) -> list[Spike]:
+    def find_spikes(self, stats: LayerStats, iteration: int) -> list[Spike]:
         """Output channels far above the layer's and the model's typical channel max."""
         medians = {p: float(np.median(v)) for p, v in stats.out_max.items()}
         model_median = float(np.median(list(medians.values())))
@@ -260,7 +263,7 @@ class Detector:
                 ))
         return spikes
 
-    def classify(self, spike: Spike, stats: _Pass) -> None:
+    def classify(self, spike: Spike, stats: LayerStats) -> None:
         """Set `kind`/`reason`: a super activation originates here and persists in the residual stream."""
         chain = self.chains.get(spike.position)
         if chain is None:
@@ -286,7 +289,7 @@ class Detector:
             spike.kind = "super_activation"
             spike.reason = f"created here, carried by {spike.carried_fraction:.0%} of the residual stream downstream"
 
-    def locate(self, spike: Spike, stats: _Pass, iteration: int, zeroed: set[tuple[int, int, int]]) -> list[SuperWeight]:
+    def locate(self, spike: Spike, stats: LayerStats, iteration: int, zeroed: set[tuple[int, int, int]]) -> list[SuperWeight]:
         """The weights whose contributions make the spike (needs the spike at the layer's peak token)."""
         p = spike.position
         if spike.token != stats.peak_token[p]:
@@ -330,68 +333,89 @@ def detect(
     """Find super activations and super weights of `model` on the prompt `token_ids`.
 
     Args:
-        model: a loaded model; it is instrumented in place.
+        model: a loaded model; it is instrumented in place (pass a clone to keep it unchanged).
         token_ids: int64 `[seq]`, BOS first when the model uses one.
         progress: called with a short message at each step.
     """
     started = time.perf_counter()
     say = progress or (lambda message: None)
     detector = Detector(model, config)
-    config = detector.config
     say(f"instrumented {len(detector.layers)} linear layers")
-    overrides: dict[str, np.ndarray] = {}
-    zeroed: set[tuple[int, int, int]] = set()
-    coordinates: list[tuple[str, tuple[int, ...]]] = []
-    super_weights: list[SuperWeight] = []
-    activations: list[Spike] = []
-    one_off: dict[tuple[int, int], Spike] = {}
-    history = []
-    pending: list[tuple[Spike, list[SuperWeight]]] = []
-    iteration = 0
+    search = _Search(detector)
+    first = None
     while True:
-        say(f"pass {iteration + 1}: running onnxruntime")
-        stats = detector.run_pass(token_ids, overrides)
-        history.append({"in_peak": {p: float(v.max()) for p, v in stats.in_max.items()},
-                        "out_peak": {p: float(v.max()) for p, v in stats.out_max.items()}})
-        for spike, group in pending:  # effect of the previous pass's zeroing
+        say(f"pass {search.iteration + 1}: running onnxruntime")
+        stats = detector.run(token_ids, search.overrides)
+        first = first or stats
+        search.record(stats)
+        if search.iteration >= detector.config.max_iterations:
+            break
+        found = search.step(stats)
+        if not found:
+            break
+        say(f"pass {search.iteration}: {found} super weight(s) found, zeroing them and repeating")
+    return DetectResult(
+        super_weights=search.super_weights,
+        super_activations=search.activations,
+        one_off_spikes=sorted(search.one_off.values(), key=lambda s: (s.position, s.channel)),
+        iterations=len(search.history),
+        token_ids=[int(t) for t in np.asarray(token_ids).ravel()],
+        linear_layers=len(detector.layers),
+        seconds=time.perf_counter() - started,
+        history=search.history,
+        input_ranges=plan_input_ranges(detector.input_probe.stats),
+        reference_logits=detector.reference_logits,
+        first_pass=first,
+        layers=detector.layers,
+    )
+
+
+class _Search:
+    """The zero-and-repeat loop's state: what was found so far and which weights are zeroed."""
+
+    def __init__(self, detector: Detector):
+        self.detector = detector
+        self.iteration = 0
+        self.overrides: dict[str, np.ndarray] = {}
+        self.zeroed: set[tuple[int, int, int]] = set()
+        self.coordinates: list[tuple[str, tuple[int, ...]]] = []
+        self.super_weights: list[SuperWeight] = []
+        self.activations: list[Spike] = []
+        self.one_off: dict[tuple[int, int], Spike] = {}
+        self.history: list[dict] = []
+        self.pending: list[tuple[Spike, list[SuperWeight]]] = []
+
+    def record(self, stats: LayerStats) -> None:
+        """Keep the pass's per-layer peaks, and measure the effect of the previous pass's zeroing."""
+        self.history.append({"in_peak": {p: float(v.max()) for p, v in stats.in_max.items()},
+                             "out_peak": {p: float(v.max()) for p, v in stats.out_max.items()}})
+        for spike, group in self.pending:
             after = float(stats.out_max[spike.position][spike.channel])
             effect = {"spike_before": abs(spike.value), "spike_after": after,
                       "reduction": abs(spike.value) / max(after, np.finfo(np.float32).tiny)}
             for sw in group:
                 sw.effect = effect
-        pending = []
-        if iteration >= config.max_iterations:
-            break
-        new_weights = []
-        for spike in detector.find_spikes(stats, iteration):
+        self.pending = []
+
+    def step(self, stats: LayerStats) -> int:
+        """Classify the pass's spikes, locate new super weights and zero them; how many were found."""
+        detector, new_weights = self.detector, []
+        for spike in detector.find_spikes(stats, self.iteration):
             detector.classify(spike, stats)
             if spike.kind != "super_activation":
-                one_off.setdefault((spike.position, spike.channel), spike)
+                self.one_off.setdefault((spike.position, spike.channel), spike)
                 continue
-            group = detector.locate(spike, stats, iteration, zeroed)
-            if not any((a.position, a.channel) == (spike.position, spike.channel) for a in activations):
-                activations.append(spike)
+            group = detector.locate(spike, stats, self.iteration, self.zeroed)
+            if not any((a.position, a.channel) == (spike.position, spike.channel) for a in self.activations):
+                self.activations.append(spike)
             if group:
-                pending.append((spike, group))
+                self.pending.append((spike, group))
                 new_weights.extend(group)
-        if not new_weights:
-            break
         for sw in new_weights:
-            zeroed.add((sw.position, sw.col, sw.row))
-            coordinates.append((sw.initializer, tuple(sw.index)))
-        overrides = scaled_initializers(detector.model, coordinates, 0.0)
-        super_weights.extend(new_weights)
-        say(f"pass {iteration + 1}: {len(new_weights)} super weight(s) found, zeroing them and repeating")
-        iteration += 1
-    return DetectResult(
-        super_weights=super_weights,
-        super_activations=activations,
-        one_off_spikes=sorted(one_off.values(), key=lambda s: (s.position, s.channel)),
-        iterations=len(history),
-        token_ids=[int(t) for t in np.asarray(token_ids).ravel()],
-        linear_layers=len(detector.layers),
-        seconds=time.perf_counter() - started,
-        history=history,
-        input_ranges=plan_input_ranges(detector.input_probe.stats),
-        reference_logits=detector.reference_logits,
-    )
+            self.zeroed.add((sw.position, sw.col, sw.row))
+            self.coordinates.append((sw.initializer, tuple(sw.index)))
+        if new_weights:
+            self.overrides = scaled_initializers(detector.model, self.coordinates, 0.0)
+            self.super_weights.extend(new_weights)
+            self.iteration += 1
+        return len(new_weights)

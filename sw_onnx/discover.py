@@ -14,6 +14,8 @@ import onnx_ir as ir
 
 # Ops allowed between a weight initializer and the MatMul/Gemm that reads it.
 _PASS_THROUGH_OPS = {"Identity", "Cast", "Transpose", "Reshape"}
+# Ops a logits output may pass through after the lm_head (softcapping, reshapes, casts).
+_LOGITS_TAIL_OPS = {"Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Add", "Mul", "Div", "Tanh"}
 _LAYER_INDEX_PATTERNS = (
     re.compile(r"(?:^|[/._])(?:layers?|blocks?|blk|h|block_|decoder\.layers)[._/]?(\d+)(?:[/._]|$)"),
     re.compile(r"layer_?(\d+)"),
@@ -45,6 +47,27 @@ class WeightChain:
             elif op == "Reshape":
                 idx = np.unravel_index(np.ravel_multi_index(idx, shape), before)
         return tuple(np.asarray(i) for i in idx)
+
+    def initializer_to_effective_index(self, index) -> tuple[int, int]:
+        """Map an index in the initializer's own layout to the effective ``[K, N]`` (the inverse of
+        `effective_to_initializer_index`).
+
+        Raises:
+            IndexError: the index does not fit the initializer.
+        """
+        shape = tuple(self.initializer.shape.numpy())
+        idx = tuple(int(i) for i in index)
+        if len(idx) != len(shape) or any(not 0 <= i < s for i, s in zip(idx, shape)):
+            raise IndexError(f"{self.initializer.name}: index {list(idx)} outside shape {list(shape)}")
+        current = shape
+        for op, out_shape, perm in self.steps:
+            if op == "Transpose":
+                idx = tuple(idx[p] for p in perm)
+            elif op == "Reshape":
+                idx = tuple(int(i) for i in np.unravel_index(np.ravel_multi_index(idx, current), out_shape))
+            current = out_shape
+        k, n = (idx[1], idx[0]) if self.transposed else idx
+        return int(k), int(n)
 
     def effective_weight(self) -> np.ndarray:
         """The float32 `[K, N]` weight the linear op computes with (reads the initializer)."""
@@ -283,3 +306,31 @@ def require_float_model(model: ir.Model) -> None:
             f"the model is already quantized ({what}); sw-onnx detects and quantizes float models",
             hint="run it on the original fp32/fp16/bf16 model",
         )
+
+
+def find_lm_head(model: ir.Model, layers: list[LinearLayer]) -> LinearLayer | None:
+    """The last linear layer whose output is the logits graph output, found by structure.
+
+    The output may pass through a few ops with one non-constant input (Cast, Reshape, softcapping
+    Div/Tanh/Mul, a bias Add) on its way to the graph output. When an output is named ``logits`` only
+    that one counts.
+    """
+    outputs = list(model.graph.outputs)
+    targets = [o for o in outputs if o.name == "logits"] or outputs
+    target_ids = {id(o) for o in targets}
+    for layer in reversed(layers):
+        value = layer.output
+        for _ in range(6):
+            if id(value) in target_ids:
+                return layer
+            uses = list(value.uses())
+            if len(uses) != 1:
+                break
+            node = uses[0].node
+            others = [i for i in node.inputs if i is not None and i is not value]
+            if node.op_type not in _LOGITS_TAIL_OPS or (
+                node.op_type not in ("Reshape", "Squeeze", "Unsqueeze") and any(i.const_value is None for i in others)
+            ):
+                break
+            value = node.outputs[0]
+    return None

@@ -36,9 +36,7 @@ from pathlib import Path
 
 from sw_onnx._version import __version__
 from sw_onnx.detect import DetectConfig, DetectResult
-
-DETECT_SCHEMA = "sw-onnx/detect"
-DETECT_SCHEMA_VERSION = 1
+from sw_onnx.schema import DETECT_SCHEMA, DETECT_SCHEMA_VERSION
 
 
 def detect_report(result: DetectResult, *, model_path: Path, config: DetectConfig, prompt, tokenizer, source: str) -> dict:

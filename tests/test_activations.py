@@ -1,4 +1,4 @@
-"""Tests of super-activation-aware activation quantization (sw_onnx.passes.activations) on the sample models."""
+"""Tests of super-activation-aware activation quantization (sw_onnx.analyze.input_stats, sw_onnx.passes.keep_out_channels, sw_onnx.passes.w8a8) on the sample models."""
 
 from __future__ import annotations
 
@@ -16,15 +16,12 @@ from sample_models import build_sample_model, make_feeds, run_sample_model
 from sw_onnx.errors import UsageError
 from sw_onnx.inputs import prompt_token_ids
 from sw_onnx.kernels import dequantize_blockwise, quantize_blockwise
-from sw_onnx.passes.activations import (
-    InputRange,
-    KeepOutActivationChannelsPass,
-    QuantizeW8A8Pass,
-    calibrate_linear_inputs,
-    calibration_windows,
-    plan_input_ranges,
-)
-from sw_onnx.passes.quantize import QuantizeWeightsPass, UpgradeOpsetPass
+from sw_onnx.analyze.input_stats import InputRange, calibrate_linear_inputs, calibration_windows, plan_input_ranges
+from sw_onnx.passes.keep_out_channels import KeepOutActivationChannelsPass
+from sw_onnx.passes.opset import UpgradeOpsetPass
+from sw_onnx.passes.quantize_weights import QuantizeWeightsPass
+from sw_onnx.passes.w8a8 import QuantizeW8A8Pass
+from sw_onnx.plan import build_quant_plan
 from sw_onnx.quantize import QuantizeConfig, default_output_path, quantize_model
 from sw_onnx.verify import fusion_report
 
@@ -124,8 +121,8 @@ def test_w8a8_restores_the_super_activation_exactly_eq1(tmp_path):
     r = InputRange(value="x", nodes=["mm"], k=64, naive_range=500.0, other_range=rng_, channels=[c],
                    handled_range=rng_, median=median)
     model = ir.load(path)
-    p = QuantizeW8A8Pass({"x": r}, include_lm_head=True, clip="none")
-    p(model)
+    w8a8 = QuantizeConfig(bits=8, activations="int8", include_lm_head=True, clip="none", symmetric=True)
+    QuantizeW8A8Pass(build_quant_plan(model, w8a8, ranges={"x": r}))(model)
     out = tmp_path / "w8a8.onnx"
     ir.save(model, out)
     x = np.random.default_rng(1).uniform(-1.5, 1.5, (1, 6, 64)).astype(np.float32)
@@ -141,7 +138,9 @@ def test_w8a8_restores_the_super_activation_exactly_eq1(tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
     # The naive pass's range is the super activation's (500): everything else rounds coarsely.
     naive = ir.load(path)
-    QuantizeW8A8Pass({"x": r}, handle_super_activations=False, include_lm_head=True, clip="none")(naive)
+    naive_config = QuantizeConfig(bits=8, activations="int8", include_lm_head=True, clip="none", symmetric=True,
+                                  sa_keep_out=False)
+    QuantizeW8A8Pass(build_quant_plan(naive, naive_config, ranges={"x": r}))(naive)
     ir.save(naive, tmp_path / "naive.onnx")
     err_naive = np.abs(_session(tmp_path / "naive.onnx").run(["logits"], {"x": x})[0] - x @ w).mean()
     assert np.abs(got - x @ w).mean() < 0.1 * err_naive
@@ -188,10 +187,10 @@ def test_keep_out_is_exact_for_the_kept_channel_at_accuracy_level_4(tmp_path):
     c = 9
     model = ir.load(path)
     UpgradeOpsetPass()(model)
-    keep = KeepOutActivationChannelsPass({"mm": [c]}, include_lm_head=True)
-    keep(model)
-    q = QuantizeWeightsPass(include_lm_head=True)
-    q(model)
+    plan = build_quant_plan(model, QuantizeConfig(include_lm_head=True), ranges={"x": _channel_range(c)})
+    assert plan.layers[0].sa_channels == [c]
+    KeepOutActivationChannelsPass(plan)(model)
+    QuantizeWeightsPass(plan)(model)
     out = tmp_path / "ko.onnx"
     ir.save(model, out)
     x = np.random.default_rng(2).uniform(-1, 1, (1, 5, 64)).astype(np.float32)
@@ -204,15 +203,21 @@ def test_keep_out_is_exact_for_the_kept_channel_at_accuracy_level_4(tmp_path):
     # Without the keep-out the 3000 crushes its int8 activation block: the other inputs of token 0 are lost.
     plain = ir.load(path)
     UpgradeOpsetPass()(plain)
-    QuantizeWeightsPass(include_lm_head=True)(plain)
+    QuantizeWeightsPass(build_quant_plan(plain, QuantizeConfig(include_lm_head=True)))(plain)
     ir.save(plain, tmp_path / "plain.onnx")
     base = _session(tmp_path / "plain.onnx", level=4)
     rest = x2[0, 0] @ w  # what the other channels contribute at token 0
     err_kept = np.abs((y - x[..., c:c + 1] * w[c])[0, 0] - rest).max()
     err_plain = np.abs((base.run(["logits"], {"x": x})[0] - x[..., c:c + 1] * w[c])[0, 0] - rest).max()
     assert err_kept < 0.2 * err_plain, (err_kept, err_plain)
-    counts, not_fused = fusion_report(_optimized(out, tmp_path), [d.quantized_node for d in q.decisions])
+    counts, not_fused = fusion_report(_optimized(out, tmp_path), [d.quantized_node for d in plan.quantized])
     assert counts.get("MatMulNBits") == 1 and not not_fused
+
+
+def _channel_range(*channels, value="x", node="mm", k=64):
+    """An input whose super-activation channels are `channels` (what calibration would find)."""
+    return InputRange(value=value, nodes=[node], k=k, naive_range=3000.0, other_range=1.0, channels=list(channels),
+                      handled_range=1.0, median=0.0)
 
 
 def test_keep_out_pass_on_a_shared_weight_copies_it(tmp_path):
@@ -225,9 +230,10 @@ def test_keep_out_pass_on_a_shared_weight_copies_it(tmp_path):
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["s", 16])],
                               [numpy_helper.from_array(emb, "emb")])
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    keep = KeepOutActivationChannelsPass({"head": [3, 7]}, include_lm_head=True)
-    keep(model)
-    assert keep.decisions[0]["action"] == "kept_out" and "copied" in keep.decisions[0]["reason"]
+    plan = build_quant_plan(model, QuantizeConfig(include_lm_head=True), ranges={"h": _channel_range(3, 7, value="h", node="head", k=32)})
+    assert plan.layers[0].sa_channels == [3, 7]
+    KeepOutActivationChannelsPass(plan)(model)
+    assert "head/sw_onnx_sa_keep_out/weight" in model.graph.initializers  # a copy took the zeroed rows
     np.testing.assert_array_equal(model.graph.initializers["emb"].const_value.numpy(), emb)
     ir.save(model, tmp_path / "tied.onnx")
     ids = np.array([1, 4, 9], np.int64)
@@ -319,7 +325,7 @@ def test_detection_measures_the_same_input_ranges_as_calibration(samples):
 
 
 def test_quantize_from_a_report_takes_its_input_ranges_and_calibrates_nothing(samples, tmp_path, monkeypatch, run_cli):
-    import sw_onnx.passes.activations as activations
+    import sw_onnx.analyze.input_stats as activations
 
     sample = samples["optimum"]
     report = tmp_path / "r.json"

@@ -14,7 +14,7 @@ from sw_onnx.detect import detect
 from sw_onnx.discover import find_linear_layers, find_residual_chain
 from sw_onnx.inputs import prompt_token_ids
 from sw_onnx.io import create_session, load_model
-from sw_onnx.passes.instrument import InstrumentLinearStatsPass, stat_output_name
+from sw_onnx.analyze.instrument import InstrumentLinearStatsPass, stat_output_name
 
 
 @pytest.fixture(scope="module")

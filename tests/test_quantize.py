@@ -17,7 +17,10 @@ from onnx import TensorProto, helper, numpy_helper
 from sample_models import build_sample_model, make_feeds, run_sample_model
 from sw_onnx.errors import UsageError, VerificationError
 from sw_onnx.kernels import quantize_blockwise, unpack_int4_low_first
-from sw_onnx.passes.quantize import QuantizeWeightsPass, UpgradeOpsetPass, find_lm_head
+from sw_onnx.discover import find_lm_head
+from sw_onnx.passes.opset import UpgradeOpsetPass
+from sw_onnx.passes.quantize_weights import QuantizeWeightsPass
+from sw_onnx.plan import build_quant_plan
 from sw_onnx.quantize import QuantizeConfig, default_output_path, quantize_model
 from sw_onnx.discover import find_linear_layers
 
@@ -121,9 +124,8 @@ def test_opset_plain_bump_when_the_graph_stays_valid(tmp_path):
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["s", 32])], [numpy_helper.from_array(w, "w")])
     graph.node[0].output[0] = "logits"
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    upgrade = UpgradeOpsetPass(21)
-    upgrade(model)
-    assert upgrade.method == "bumped" and model.opset_imports[""] == 21 and model.ir_version >= 10
+    result = UpgradeOpsetPass(21)(model)
+    assert result.method == "bumped" and model.opset_imports[""] == 21 and model.ir_version >= 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,19 +202,19 @@ def test_block_larger_than_k_gives_the_per_channel_numbers_and_fuses(samples, tm
 
 
 @pytest.mark.parametrize("block_size", [8, 24, 48, -32, True])
-def test_block_size_must_be_a_power_of_two_from_16_or_0(block_size):
+def test_block_size_must_be_a_power_of_two_from_16_or_0(block_size, samples):
     with pytest.raises(UsageError, match="--block-size"):
         QuantizeConfig(block_size=block_size).validate()
-    with pytest.raises(ValueError, match="block_size"):
-        QuantizeWeightsPass(block_size=block_size)
+    with pytest.raises(UsageError, match="--block-size"):  # no plan is made from a bad configuration
+        build_quant_plan(ir.load(samples["optimum"].path), QuantizeConfig(block_size=block_size))
 
 
 @pytest.mark.parametrize("bits", [1, 2, 16, -8])
 def test_lm_head_bits_must_be_0_4_or_8(bits, samples, monkeypatch, capsys):
     with pytest.raises(UsageError, match="--lm-head-bits"):
         QuantizeConfig(lm_head_bits=bits).validate()
-    with pytest.raises(ValueError, match="lm_head_bits"):
-        QuantizeWeightsPass(lm_head_bits=bits)
+    with pytest.raises(UsageError, match="--lm-head-bits"):
+        build_quant_plan(ir.load(samples["optimum"].path), QuantizeConfig(lm_head_bits=bits))
     assert _cli(monkeypatch, "quantize", samples["optimum"].path, "--lm-head-bits", bits) == 2
     assert "--lm-head-bits" in capsys.readouterr().err and not list(samples["optimum"].path.parent.glob("*.uint4*"))
 
@@ -297,12 +299,12 @@ def test_decisions_exclude_lm_head_and_reasons(samples, tmp_path):
     layers, _ = find_linear_layers(model)
     assert find_lm_head(model, layers).name == "/lm_head/MatMul"
     UpgradeOpsetPass()(model)
-    qpass = QuantizeWeightsPass(exclude=["*/mlp/down_proj/*"], include_lm_head=False)
-    qpass(model)
-    by_node = {d.node: d for d in qpass.decisions}
+    plan = build_quant_plan(model, QuantizeConfig(exclude=("*/mlp/down_proj/*",), lm_head_bits=0))
+    QuantizeWeightsPass(plan)(model)
+    by_node = plan.by_node()
     assert by_node["/lm_head/MatMul"].action == "skipped" and "lm_head" in by_node["/lm_head/MatMul"].reason
     assert by_node["/model/layers.0/mlp/down_proj/MatMul"].reason == "excluded by pattern '*/mlp/down_proj/*'"
-    assert sum(d.action == "quantized" for d in qpass.decisions) == 29 - 4 - 1
+    assert len(plan.quantized) == 29 - 4 - 1
 
 
 def test_gemm_with_bias_alpha_beta_and_a_tied_weight(tmp_path):

@@ -49,11 +49,11 @@ class InstrumentLinearStatsPass(ir.passes.InPlacePass):
             x_abs = probe.channel_stats(layer.input, layer.k, f"{tag}/in", "in", layer.position)
             y_abs = probe.channel_stats(layer.output, layer.n, f"{tag}/out", "out", layer.position)
             peak_per_token = probe.reduce_max(y_abs, axis=1, name=f"{tag}/out/token_max")
-            token = _append(graph, "ArgMax", [peak_per_token], {"axis": 0, "keepdims": 1}, name=f"{tag}/peak_token")
-            _expose(graph, token.outputs[0], stat_output_name("peak_token", layer.position), ir.DataType.INT64, [1])
+            token = append_op(graph, "ArgMax", [peak_per_token], {"axis": 0, "keepdims": 1}, name=f"{tag}/peak_token")
+            expose_output(graph, token.outputs[0], stat_output_name("peak_token", layer.position), ir.DataType.INT64, [1])
             for kind, flat, width in (("in", probe.flat[layer.input.name], layer.k), ("out", probe.flat[layer.output.name], layer.n)):
-                row = _append(graph, "Gather", [flat, token.outputs[0]], {"axis": 0}, name=f"{tag}/{kind}/peak_row")
-                _expose(graph, row.outputs[0], stat_output_name(f"{kind}_peak_row", layer.position), ir.DataType.FLOAT, [1, width])
+                row = append_op(graph, "Gather", [flat, token.outputs[0]], {"axis": 0}, name=f"{tag}/{kind}/peak_row")
+                expose_output(graph, row.outputs[0], stat_output_name(f"{kind}_peak_row", layer.position), ir.DataType.FLOAT, [1, width])
         for r, value in enumerate(self.residual_values):
             width = value.shape[-1] if value.shape is not None and isinstance(value.shape[-1], int) else None
             probe.channel_stats(value, width, f"{OUTPUT_PREFIX}resid/{r}", "resid", r)
@@ -71,41 +71,41 @@ class _Probe:
     def channel_stats(self, value: ir.Value, width: int | None, tag: str, kind: str, index: int) -> ir.Value:
         if value.name not in self.abs:
             self.flat[value.name] = self._flatten(value, width, tag)
-            self.abs[value.name] = _append(self.graph, "Abs", [self.flat[value.name]], name=f"{tag}/abs").outputs[0]
+            self.abs[value.name] = append_op(self.graph, "Abs", [self.flat[value.name]], name=f"{tag}/abs").outputs[0]
         x_abs = self.abs[value.name]
         maximum = self.reduce_max(x_abs, axis=0, name=f"{tag}/max")
-        arg = _append(self.graph, "ArgMax", [x_abs], {"axis": 0, "keepdims": 0}, name=f"{tag}/argmax")
-        _expose(self.graph, maximum, stat_output_name(f"{kind}_max", index), ir.DataType.FLOAT, [width])
-        _expose(self.graph, arg.outputs[0], stat_output_name(f"{kind}_argmax", index), ir.DataType.INT64, [width])
+        arg = append_op(self.graph, "ArgMax", [x_abs], {"axis": 0, "keepdims": 0}, name=f"{tag}/argmax")
+        expose_output(self.graph, maximum, stat_output_name(f"{kind}_max", index), ir.DataType.FLOAT, [width])
+        expose_output(self.graph, arg.outputs[0], stat_output_name(f"{kind}_argmax", index), ir.DataType.INT64, [width])
         return x_abs
 
     def reduce_max(self, value: ir.Value, *, axis: int, name: str) -> ir.Value:
         if self.opset >= 18:
-            axes = _const(self.graph, f"{name}/axes", np.array([axis], dtype=np.int64))
-            return _append(self.graph, "ReduceMax", [value, axes], {"keepdims": 0}, name=name).outputs[0]
-        return _append(self.graph, "ReduceMax", [value], {"axes": [axis], "keepdims": 0}, name=name).outputs[0]
+            axes = add_constant(self.graph, f"{name}/axes", np.array([axis], dtype=np.int64))
+            return append_op(self.graph, "ReduceMax", [value, axes], {"keepdims": 0}, name=name).outputs[0]
+        return append_op(self.graph, "ReduceMax", [value], {"axes": [axis], "keepdims": 0}, name=name).outputs[0]
 
     def _flatten(self, value: ir.Value, width: int | None, tag: str) -> ir.Value:
         """float32 `[tokens, width]` view of an activation of any rank and float type."""
         if value.dtype != ir.DataType.FLOAT:
-            value = _append(self.graph, "Cast", [value], {"to": ir.DataType.FLOAT}, name=f"{tag}/cast").outputs[0]
+            value = append_op(self.graph, "Cast", [value], {"to": ir.DataType.FLOAT}, name=f"{tag}/cast").outputs[0]
         if width is None:  # unknown last dimension: read it from the tensor's shape
-            shape_node = _append(self.graph, "Shape", [value], {"start": -1}, name=f"{tag}/last_dim")
-            minus_one = _const(self.graph, f"{tag}/minus_one", np.array([-1], dtype=np.int64))
-            shape = _append(self.graph, "Concat", [minus_one, shape_node.outputs[0]], {"axis": 0}, name=f"{tag}/shape").outputs[0]
+            shape_node = append_op(self.graph, "Shape", [value], {"start": -1}, name=f"{tag}/last_dim")
+            minus_one = add_constant(self.graph, f"{tag}/minus_one", np.array([-1], dtype=np.int64))
+            shape = append_op(self.graph, "Concat", [minus_one, shape_node.outputs[0]], {"axis": 0}, name=f"{tag}/shape").outputs[0]
         else:
-            shape = _const(self.graph, f"{tag}/shape", np.array([-1, width], dtype=np.int64))
-        return _append(self.graph, "Reshape", [value, shape], name=f"{tag}/flatten").outputs[0]
+            shape = add_constant(self.graph, f"{tag}/shape", np.array([-1, width], dtype=np.int64))
+        return append_op(self.graph, "Reshape", [value, shape], name=f"{tag}/flatten").outputs[0]
 
 
-def _append(graph: ir.Graph, op_type: str, inputs, attributes=None, *, name: str) -> ir.Node:
+def append_op(graph: ir.Graph, op_type: str, inputs, attributes=None, *, name: str) -> ir.Node:
     node = ir.node(op_type, inputs, attributes, name=name)
     node.outputs[0].name = f"{name}/out"
     graph.append(node)
     return node
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def add_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.shape = ir.Shape(array.shape)
     value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
@@ -113,9 +113,9 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _expose(graph: ir.Graph, value: ir.Value, name: str, dtype: ir.DataType, shape) -> None:
+def expose_output(graph: ir.Graph, value: ir.Value, name: str, dtype: ir.DataType, shape) -> None:
     if value.is_graph_output():  # one value cannot carry two output names; give it its own Identity
-        value = _append(graph, "Identity", [value], name=f"{name}/identity").outputs[0]
+        value = append_op(graph, "Identity", [value], name=f"{name}/identity").outputs[0]
     value.name = name
     value.type = ir.TensorType(dtype)
     value.shape = ir.Shape(shape)

@@ -1,0 +1,571 @@
+"""The pipelines behind the commands, each a short sequence of named stages.
+
+``quantize_model``: load (once) -> analyze (detect on a clone, or read a report; calibrate only when asked)
+-> plan (`sw_onnx.plan.build_quant_plan`) -> passes (opset, channel keep-out, weights or W8A8) -> save to a
+temporary file -> verify -> publish. ``detect_model``: load -> detect -> report. ``ablate_model``: load ->
+(detect on a clone) -> validate the coordinates -> scale -> save.
+
+The input is loaded once: analysis instruments a clone, which shares the (memory-mapped) weights. The
+sessions are the analysis's (the instrumented clone) and verification's (the written file, as a user runs it).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sw_onnx._version import __version__
+from sw_onnx.config import QuantizeConfig
+from sw_onnx.coordinates import Coordinate, normalize_coordinates
+from sw_onnx.errors import UnsupportedGraphError, UsageError, VerificationError
+from sw_onnx.outputs import check_output, data_path, file_bytes, publish_model, staging_path
+from sw_onnx.schema import ABLATE_SCHEMA, QUANTIZE_SCHEMA, QUANTIZE_SCHEMA_VERSION, SCHEMA_VERSION
+
+if TYPE_CHECKING:  # heavy imports stay out of `sw-onnx --help`
+    import numpy as np
+    import onnx_ir as ir
+
+    from sw_onnx.detect import DetectConfig, DetectResult
+    from sw_onnx.plan import LayerPlan, QuantPlan
+
+__all__ = ["AblateResult", "QuantizeSummary", "ablate_model", "default_output_path", "detect_model", "quantize_model"]
+
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Files of an export folder that describe the model rather than hold it: copied beside an ablated model
+# written to another folder, so that eval/generate find its tokenizer and EOS there.
+SIDECAR_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# detect
+
+
+def detect_model(model_path: str | os.PathLike, config: DetectConfig | None = None, *, tokenizer=None,
+                 prompt: str | None = None, progress: Callable[[str], None] | None = None) -> tuple[DetectResult, str]:
+    """Load the model at `model_path` and detect its super weights on the prompt; (result, prompt source)."""
+    from sw_onnx.detect import detect
+    from sw_onnx.inputs import prompt_token_ids
+    from sw_onnx.io import load_model, resolve_model_path
+
+    say = progress or (lambda message: None)
+    path = resolve_model_path(model_path)
+    token_ids, source = prompt_token_ids(model_path, tokenizer=tokenizer, prompt=prompt)
+    say(f"loading {path}")
+    model = load_model(path)
+    say(f"prompt: {source}, {len(token_ids)} tokens")
+    return detect(model, token_ids, config, progress=progress), source
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize
+
+
+@dataclass
+class QuantizeSummary:
+    """What `quantize_model` did; `to_dict` is the ``sw-onnx/quantize`` JSON (schema in docs/quantize.md).
+
+    Attributes:
+        input_path, output_path: the files.
+        config: the resolved configuration.
+        opset: ``{"from", "to", "method"}``.
+        keep_source: ``"auto"``, ``"none"`` or the report's path.
+        kept: the super weights asked to be kept out, with ``quantized_layer`` telling whether their layer
+            was quantized (otherwise they simply stay float with it).
+        unused_keep: keep coordinates matching no quantized layer.
+        layers: the plan, one `LayerPlan` per linear layer.
+        input_bytes, output_bytes: on-disk sizes, external data included.
+        input_sha256: hash of the input .onnx file (not of its external data).
+        external_data: whether the output's weights are in ``<output>.data``.
+        verification: the `sw_onnx.verify.VerifyResult` as a dict, or None (``--no-verify``).
+        seconds: wall times ``{"detect", "rewrite_and_save", "verify", "total"}``.
+    """
+
+    input_path: str
+    output_path: str
+    config: QuantizeConfig
+    opset: dict
+    keep_source: str
+    kept: list[dict]
+    unused_keep: list[dict]
+    layers: list[LayerPlan]
+    input_bytes: int = 0
+    output_bytes: int = 0
+    input_sha256: str = ""
+    external_data: bool = False
+    verification: dict | None = None
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def quantized(self) -> list[LayerPlan]:
+        return [d for d in self.layers if d.action == "quantized"]
+
+    @property
+    def skipped(self) -> list[LayerPlan]:
+        return [d for d in self.layers if d.action != "quantized"]
+
+    def totals(self) -> dict:
+        q = self.quantized
+        forms: dict[str, int] = {}
+        for d in q:
+            forms[d.form] = forms.get(d.form, 0) + 1
+        quant_bytes = sum(d.quantized_bytes for d in q)
+        weights = sum(d.k * d.n for d in q)
+        return {
+            "linear_layers": len(self.layers), "quantized": len(q), "skipped": len(self.layers) - len(q),
+            "forms": forms, "kept_out": sum(len(d.kept) for d in q),
+            "float_weight_bytes": sum(d.float_bytes for d in q), "quantized_weight_bytes": quant_bytes,
+            "bits_per_weight": round(8 * quant_bytes / weights, 3) if weights else None,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": QUANTIZE_SCHEMA, "schema_version": QUANTIZE_SCHEMA_VERSION, "tool_version": __version__,
+            "input": {"path": self.input_path, "bytes": self.input_bytes, "sha256": self.input_sha256},
+            "output": {"path": self.output_path, "bytes": self.output_bytes, "external_data": self.external_data},
+            "config": self.config.to_dict(), "opset": self.opset,
+            "keep": {"source": self.keep_source, "super_weights": self.kept, "unused": self.unused_keep},
+            "layers": [d.to_dict() for d in self.layers], "totals": self.totals(),
+            "verification": self.verification, "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+def default_output_path(input_path: str | os.PathLike, config: QuantizeConfig) -> Path:
+    """``<stem>.<u?int><bits>-<b<block>|pc>[-nbits].onnx`` beside the input, e.g. ``model.uint4-b32.onnx``
+    (``pc``: per-channel)."""
+    from sw_onnx.io import resolve_model_path
+
+    src = resolve_model_path(input_path)
+    block = f"b{config.block_size}" if config.block_size else "pc"
+    kind = f"{'int' if config.symmetric else 'uint'}{config.bits}-{block}"
+    suffix = "-nbits" if config.format == "nbits" else ""
+    if config.activations == "int8":
+        kind, suffix = "w8a8", ""
+    return src.with_name(f"{src.stem}.{kind}{suffix}.onnx")
+
+
+@dataclass
+class _Run:
+    """One quantize run: its request, and what each stage hands the next."""
+
+    src: Path
+    out: Path
+    config: QuantizeConfig
+    say: Callable[[str], None]
+    started: float
+    token_ids: np.ndarray | None = None
+    input_sha256: object = None
+    keep_records: list[dict] = field(default_factory=list)
+    keep: list[Coordinate] = field(default_factory=list)
+    ranges: dict | None = None
+    accuracy_levels: dict[str, int] = field(default_factory=dict)
+    reference_logits: tuple[str, np.ndarray] | None = None
+    opset: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+
+def quantize_model(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike | None = None,
+    config: QuantizeConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> QuantizeSummary:
+    """Quantize the model at `input_path` and write it to `output_path` (default: `default_output_path`).
+
+    Args:
+        input_path: an .onnx file or an export folder holding model.onnx.
+        output_path: the .onnx to write (its weights go to ``<output>.data`` when the input used external
+            data or the output would pass 1.8 GB).
+        config: settings (default `QuantizeConfig()`).
+        progress: called with a short message at each step.
+
+    Raises:
+        UsageError: bad settings, output == input, an existing output without ``force``, a bad keep report.
+        ModelLoadError: the input is not a readable model.
+        UnsupportedGraphError: nothing to quantize, or the opset cannot be raised.
+        VerificationError: the written model failed verification; nothing was published. The summary is
+            attached as ``error.summary``.
+    """
+    run = _start(input_path, output_path, config or QuantizeConfig(), progress)
+    with staging_path(run.out) as tmp:
+        plan, summary = _write_quantized(run, tmp)
+        if run.config.verify:
+            gc.collect()  # the graph's node/value cycles hold the source weights; free them before sessions
+            _verify(run, tmp, plan, summary)
+        publish_model(tmp, run.out)
+    summary.output_bytes = file_bytes(run.out) + file_bytes(data_path(run.out))
+    summary.seconds["total"] = time.perf_counter() - run.started
+    run.say(f"wrote {run.out}")
+    return summary
+
+
+def _write_quantized(run: _Run, tmp: Path) -> tuple[QuantPlan, QuantizeSummary]:
+    """Load, analyze, plan, rewrite and save to `tmp`; the model is released when this returns."""
+    from sw_onnx.io import save_model, stores_weights_externally
+
+    model = _load(run)
+    t0 = time.perf_counter()
+    _analyze(run, model)
+    t1 = time.perf_counter()
+    plan = _plan(run, model)
+    _rewrite(run, model, plan)
+    summary = _summary(run, model, plan)
+    summary.seconds["detect"] = t1 - t0
+    estimated = sum(p.quantized_bytes for p in plan.quantized) + _unquantized_bytes(model)
+    summary.external_data = stores_weights_externally(model) or estimated > _EXTERNAL_DATA_THRESHOLD
+    run.say(f"quantizing {len(plan.quantized)} of {len(plan.layers)} linear layers and writing")
+    save_model(model, tmp, external_data=summary.external_data)
+    summary.seconds["rewrite_and_save"] = time.perf_counter() - t1
+    return plan, summary
+
+
+def _start(input_path, output_path, config: QuantizeConfig, progress) -> _Run:
+    """Validate the request before any work: settings, input, output path; start hashing the input."""
+    from sw_onnx.inputs import prompt_token_ids
+    from sw_onnx.io import resolve_model_path
+
+    config.validate()
+    src = resolve_model_path(input_path)
+    out = Path(output_path) if output_path is not None else default_output_path(src, config)
+    check_output(src, out, force=config.force)
+    run = _Run(src, out, config, progress or (lambda message: None), time.perf_counter())
+    run.input_sha256 = _Sha256InBackground(src)  # hashing a large inline model overlaps the work below
+    run.token_ids, _ = prompt_token_ids(src)
+    return run
+
+
+def _load(run: _Run) -> ir.Model:
+    from sw_onnx.discover import require_float_model
+    from sw_onnx.io import load_model
+
+    run.say(f"loading {run.src}")
+    model = load_model(run.src)
+    require_float_model(model)  # "already quantized": refused
+    return model
+
+
+def _analyze(run: _Run, model: ir.Model) -> None:
+    """The facts the plan needs: super weights to keep, input ranges and super-activation channels,
+    accuracy levels (nbits), and the original's logits for verification."""
+    from sw_onnx.coordinates import validate_coordinates
+
+    config = run.config
+    first_pass = None
+    if config.keep == "auto":
+        run.say("detecting super weights (keep=auto)")
+        first_pass = _detect_for_keep(run, model)
+    elif config.keep != "none":
+        _read_keep_report(run, Path(config.keep))
+    values = [r.get("value") for r in run.keep_records] if config.keep not in ("auto", "none") else None
+    run.keep = validate_coordinates(model, [(r["initializer"], r["index"]) for r in run.keep_records],
+                                    f"--keep {config.keep}", values=values)
+    if config.format == "nbits":
+        run.say("measuring layer inputs for accuracy_level (nbits)")
+        run.accuracy_levels = _accuracy_levels(run, model, first_pass)
+    if config.activations != "none" or config.sa_keep_out:
+        _input_ranges(run, model)
+
+
+def _detect_for_keep(run: _Run, model: ir.Model):
+    """Detection on a clone (it is instrumented); keeps its super weights, input ranges, logits and first pass."""
+    from sw_onnx.detect import DetectConfig, detect
+
+    providers = list(run.config.providers) if run.config.providers else None
+    result = detect(model.clone(), run.token_ids, DetectConfig(providers=providers))
+    run.keep_records = [{"node": sw.node, "initializer": sw.initializer, "index": [int(i) for i in sw.index],
+                         "row": sw.row, "col": sw.col, "value": sw.value} for sw in result.super_weights]
+    run.ranges, run.reference_logits = result.input_ranges, result.reference_logits
+    return result
+
+
+def _read_keep_report(run: _Run, path: Path) -> None:
+    from sw_onnx.analyze.input_stats import ranges_from_entries
+    from sw_onnx.coordinates import read_detect_report
+
+    report = read_detect_report(path)
+    run.keep_records = report.super_weights
+    if report.input_ranges is not None:  # reports before sw-onnx 0.1.0's input_ranges: calibrate instead
+        try:
+            run.ranges = ranges_from_entries(report.input_ranges)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"--keep {path}: malformed input_ranges ({e})",
+                             hint="write the report again with: sw-onnx detect MODEL --json REPORT.json") from None
+
+
+def _accuracy_levels(run: _Run, model: ir.Model, detected) -> dict[str, int]:
+    """From detection's first pass, or else one instrumented pass on a clone."""
+    from sw_onnx.analyze.sensitivity import accuracy_levels
+    from sw_onnx.detect import DetectConfig, Detector
+
+    if detected is not None:
+        layers, stats = detected.layers, detected.first_pass
+    else:
+        providers = list(run.config.providers) if run.config.providers else None
+        detector = Detector(model.clone(), DetectConfig(providers=providers))
+        layers, stats = detector.layers, detector.run(run.token_ids, {})
+    return accuracy_levels(layers, stats.in_max, stats.in_row, ratio=run.config.sensitive_input_ratio,
+                           kept_nodes=[r.get("node") for r in run.keep_records])
+
+
+def _input_ranges(run: _Run, model: ir.Model) -> None:
+    """Detection's input ranges (checked against the model), or a calibration run on a clone."""
+    from sw_onnx.analyze.input_stats import calibrate_for_quantize
+    from sw_onnx.discover import find_linear_layers
+
+    if run.ranges is not None and run.config.calib_text is None:
+        widths = {layer.name: layer.k for layer in find_linear_layers(model)[0]}
+        for r in run.ranges.values():
+            if any(node not in widths or any(not 0 <= c < widths[node] for c in r.channels) for node in r.nodes):
+                raise UsageError(f"--keep {run.config.keep}: its input_ranges name {r.nodes[0]!r}, which is not a "
+                                 "linear layer of this model with those channels",
+                                 hint="the report is probably for another model")
+        return
+    run.say("calibrating linear-layer inputs (super-activation entries, activation ranges)")
+    run.ranges = calibrate_for_quantize(run.src, run.token_ids, calib_text=run.config.calib_text,
+                                        providers=run.config.providers, model=model.clone())
+
+
+def _plan(run: _Run, model: ir.Model) -> QuantPlan:
+    """Raise the opset for QDQ, then decide every layer (`build_quant_plan`)."""
+    import onnx_ir as ir
+
+    from sw_onnx.passes.opset import QDQ_MIN_OPSET, UpgradeOpsetPass
+    from sw_onnx.plan import build_quant_plan
+    from sw_onnx.shapes import value_types
+
+    from_opset, method, structure = model.opset_imports.get("", None), "unchanged", None
+    if run.config.format == "qdq":
+        try:
+            result = UpgradeOpsetPass(QDQ_MIN_OPSET)(model)
+        except ir.passes.PassError as e:
+            raise UnsupportedGraphError(str(e), hint="try --format nbits, which needs no opset change") from e
+        method, structure = result.method, result.structure
+        if method != "unchanged":
+            run.say(f"opset {from_opset} -> {QDQ_MIN_OPSET} ({method})")
+    run.opset = {"from": from_opset, "to": model.opset_imports.get(""), "method": method}
+    types = None
+    if structure is not None:  # the bump's weight-less copy spares serializing the graph again
+        types = value_types(model, structure)
+    return build_quant_plan(model, run.config, keep=run.keep, ranges=run.ranges,
+                            accuracy_levels=run.accuracy_levels, types=types)
+
+
+def _rewrite(run: _Run, model: ir.Model, plan: QuantPlan) -> None:
+    """The passes, in order: channel keep-out, then the weights (or W8A8); each reads only the plan."""
+    import onnx_ir as ir
+
+    from sw_onnx.passes.keep_out_channels import KeepOutActivationChannelsPass
+    from sw_onnx.passes.quantize_weights import QuantizeWeightsPass
+    from sw_onnx.passes.w8a8 import QuantizeW8A8Pass
+
+    if not plan.quantized:
+        reasons = sorted({p.reason for p in plan.layers}) or ["no linear layer found"]
+        raise UnsupportedGraphError(f"nothing to quantize: {'; '.join(reasons)[:300]}", hint="check --exclude and --lm-head")
+    weights = QuantizeW8A8Pass(plan) if run.config.activations == "int8" else QuantizeWeightsPass(plan)
+    ir.passes.Sequential(KeepOutActivationChannelsPass(plan), weights)(model)
+
+
+def _summary(run: _Run, model: ir.Model, plan: QuantPlan) -> QuantizeSummary:
+    kept_keys = {(p.initializer, tuple(k["index"])) for p in plan.quantized for k in p.kept}
+    for record in run.keep_records:
+        record["quantized_layer"] = (record["initializer"], tuple(record["index"])) in kept_keys
+    summary = QuantizeSummary(
+        input_path=str(run.src), output_path=str(run.out), config=run.config, opset=run.opset,
+        keep_source=run.config.keep, kept=run.keep_records,
+        unused_keep=[{"initializer": n, "index": list(i)} for n, i in plan.unused_keep],
+        layers=plan.layers, input_bytes=_model_bytes(run.src, model), input_sha256=run.input_sha256.result(),
+    )
+    model.metadata_props["sw_onnx.quantize"] = json.dumps(
+        {"tool_version": __version__, "config": run.config.to_dict(),
+         "kept_out": sum(len(p.kept) for p in plan.quantized), "input_sha256": summary.input_sha256}, sort_keys=True)
+    return summary
+
+
+def _verify(run: _Run, tmp: Path, plan: QuantPlan, summary: QuantizeSummary) -> None:
+    from sw_onnx.verify import verify_quantized
+
+    t2 = time.perf_counter()
+    run.say("verifying: onnx checker, onnxruntime fusion, logits vs the original")
+    fused = [p.quantized_node for p in plan.quantized] if run.config.activations == "none" else []
+    result = verify_quantized(tmp, run.src, fused, run.token_ids, providers=run.config.providers,
+                              min_top1_agreement=run.config.min_top1_agreement, reference_logits=run.reference_logits)
+    summary.verification = result.to_dict()
+    summary.seconds["verify"] = time.perf_counter() - t2
+    if not result.passed:
+        error = VerificationError(f"verification failed, nothing written to {run.out}: {'; '.join(result.failures)}",
+                                  hint="rerun with --format nbits, or --no-verify to keep the unverified file")
+        error.summary = summary  # type: ignore[attr-defined]
+        raise error
+
+
+def _unquantized_bytes(model: ir.Model) -> int:
+    import onnx_ir as ir
+
+    total = 0
+    for value in model.graph.initializers.values():
+        const = value.const_value
+        if const is not None and not isinstance(const, ir.LazyTensor):
+            total += int(math.prod(const.shape.numpy()) * const.dtype.itemsize)
+    return total
+
+
+def _model_bytes(src: Path, model: ir.Model) -> int:
+    import onnx_ir as ir
+
+    total, seen = file_bytes(src), set()
+    for value in model.graph.initializers.values():
+        const = value.const_value
+        if isinstance(const, ir.ExternalTensor):
+            path = Path(const.base_dir) / const.location
+            if path not in seen and not _same_file(path, src):  # inline weights, mapped from the .onnx
+                seen.add(path)
+                total += file_bytes(path)
+    return total
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+class _Sha256InBackground:
+    """The SHA-256 of a file, computed on a thread (hashlib and file reads release the GIL)."""
+
+    def __init__(self, path: Path):
+        import threading
+
+        self.path, self._value = path, None
+        self._thread = threading.Thread(target=self._run, name="sw-onnx-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = _sha256(self.path)
+        except OSError:
+            self._value = None
+
+    def result(self) -> str:
+        self._thread.join()
+        return self._value if self._value is not None else _sha256(self.path)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# ablate
+
+
+@dataclass
+class AblateResult:
+    """Outcome of `ablate_model`: the weights changed (``before``/``after`` values) and files written."""
+
+    input_path: str
+    output_path: str
+    scale: float
+    weights: list[dict] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+    source: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": ABLATE_SCHEMA, "schema_version": SCHEMA_VERSION, "tool_version": __version__,
+            "input": {"path": self.input_path}, "output": {"path": self.output_path}, "scale": self.scale,
+            "source": self.source, "weights": self.weights, "copied": self.copied,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def detect_coordinates(model, *, tokenizer=None, providers: Sequence[str] | None = None,
+                       progress: Callable[[str], None] | None = None) -> list[Coordinate]:
+    """Run detection (default prompt) on the model; its super weights' coordinates."""
+    from sw_onnx.detect import DetectConfig
+
+    result, _ = detect_model(model, DetectConfig(providers=list(providers) if providers else None),
+                             tokenizer=tokenizer, progress=progress)
+    return [(sw.initializer, tuple(sw.index)) for sw in result.super_weights]
+
+
+def ablate_model(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    coordinates: Iterable,
+    scale: float = 0.0,
+    *,
+    force: bool = False,
+    copy_sidecars: bool = True,
+    source: str = "coordinates",
+) -> AblateResult:
+    """Write a copy of the model with the weight scalars at ``coordinates`` multiplied by ``scale``.
+
+    The output is written atomically, never over the input or its external data. When it goes to another
+    folder, the input folder's config/tokenizer files are copied beside it (unless already there), so that
+    ``eval``/``generate`` work on it as they do on the input.
+
+    Args:
+        coordinates: (initializer name, index in the initializer's own layout), e.g. ``SuperWeight.index``.
+        scale: the factor (0 prunes).
+        force: replace an existing output.
+
+    Raises:
+        UsageError: no coordinates, a bad output, coordinates not in the model, a non-finite scale.
+        ModelLoadError: the input is not a readable model.
+    """
+    from sw_onnx.coordinates import validate_coordinates
+    from sw_onnx.io import load_model, resolve_model_path, save_model
+    from sw_onnx.passes.ablate import ScaleWeightsPass
+
+    t0 = time.perf_counter()
+    if not math.isfinite(scale):
+        raise UsageError(f"--scale {scale}: use a finite number")
+    src, out = resolve_model_path(input_path), Path(output_path)
+    check_output(src, out, force=force)
+    coords = normalize_coordinates(coordinates)
+    if not coords:
+        raise UsageError("no weight to ablate (no super weight found or given)")
+    model = load_model(src)
+    coords = validate_coordinates(model, coords, source)
+    before = {c: _scalar(model, c) for c in coords}
+    ScaleWeightsPass(coords, scale)(model)
+    weights = [{"initializer": name, "index": list(index), "before": before[(name, index)],
+                "after": _scalar(model, (name, index))} for name, index in coords]
+    save_model(model, out)
+    copied = _copy_sidecars(src, out) if copy_sidecars else []
+    return AblateResult(input_path=str(src), output_path=str(out), scale=float(scale), weights=weights,
+                        copied=copied, source=source, seconds=time.perf_counter() - t0)
+
+
+def _copy_sidecars(src: Path, out: Path) -> list[str]:
+    import shutil
+
+    copied = []
+    if os.path.abspath(out.parent) != os.path.abspath(src.parent):
+        for name in SIDECAR_FILES:
+            if (src.parent / name).is_file() and not (out.parent / name).exists():
+                shutil.copy2(src.parent / name, out.parent / name)
+                copied.append(name)
+    return copied
+
+
+def _scalar(model: ir.Model, coordinate: Coordinate) -> float:
+    name, index = coordinate
+    return float(model.graph.initializers[name].const_value.numpy()[index])

@@ -1,0 +1,123 @@
+"""Quantization settings: `QuantizeConfig`, what the CLI's options and the Python API share."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from sw_onnx.errors import UsageError
+
+__all__ = ["CLIP_MODES", "FORMATS", "LM_HEAD_BLOCK_SIZE", "PER_CHANNEL", "QuantizeConfig"]
+
+CLIP_MODES = ("none", "zscore", "mse")
+FORMATS = ("qdq", "nbits")
+LM_HEAD_BLOCK_SIZE = 32
+"""Block of ``lm_head_bits``: 8-bit b32 cost nothing measurable on SmolLM2 (b128: +0.15 perplexity)."""
+PER_CHANNEL = 0
+"""``block_size`` value meaning one scale per output channel (DequantizeLinear ``axis=1``)."""
+
+
+@dataclass
+class QuantizeConfig:
+    """Quantization settings, shared by the API and the CLI (defaults live here only).
+
+    Defaults: int4 with a zero point per block of 32 (5.125 bits per weight), ``clip="mse"`` (per block,
+    the candidate of least w^2-weighted squared error among the min-max and symmetric ranges, each shrunk by
+    1, 0.975, ..., 0.8), super weights and super-activation input channels kept out, the lm_head at 8 bits.
+    Each was chosen by measurement on SmolLM2-135M: docs/quantize_defaults.md has the tables, and
+    docs/quantize_quality.md every row of ``python bench/quantize_quality.py``.
+
+    Attributes:
+        bits: 4 or 8.
+        block_size: weights per block along K: a power of two >= 16 (so onnxruntime fuses it), or 0 for
+            per-channel (one scale per output channel over all of K: DequantizeLinear ``axis=1``, which
+            onnxruntime also fuses; ``--format nbits`` writes it as one block of the next power of two >= K).
+            A block larger than a layer's K is accepted and gives one block per column for that layer (the
+            same numbers as per-channel, written with the block size as given, as onnxruntime's quantizer
+            does), so one size fits models whose layers differ in K.
+        symmetric: signed codes, scale ``m / -2**(bits-1)``, no zero point; else unsigned codes with a zero
+            point per block (default: it holds both range shapes, see above).
+        clip: ``"none"`` (min-max round-to-nearest, as onnxruntime), ``"zscore"`` (clamp ``|w|`` at
+            ``mean + z*std`` per block, the paper's Eq. 2) or ``"mse"`` (w^2-weighted error search over
+            shrunk min-max and, when asymmetric, symmetric ranges).
+        zscore: z for ``clip="zscore"`` (None: `sw_onnx.kernels.DEFAULT_ZSCORE`).
+        keep: ``"auto"`` (run detection first), ``"none"``, or the path of a ``sw-onnx detect --json``
+            report.
+        exclude: node-name glob patterns of linear layers to leave float.
+        include_lm_head: quantize the lm_head (the layer whose output is the logits) too.
+        format: ``"qdq"`` (standard ONNX DequantizeLinear + MatMul, opset 21, fused by onnxruntime) or
+            ``"nbits"`` (com.microsoft MatMulNBits written directly, per-node accuracy_level).
+        verify: check the written model (checker, fusion, logits) before publishing it.
+        force: overwrite an existing output.
+        providers: onnxruntime providers for detection and the logits comparison (None: CPU).
+        min_top1_agreement: verification fails below this top-1 agreement with the original (None: report
+            only).
+        sensitive_input_ratio: nbits only: a layer whose input has a channel (max |x| over the prompt) or,
+            at its peak token, an entry this many times above the median carries a super activation and
+            gets accuracy_level 1 (fp32 activations); the others get 4 (int8 activations).
+        activations: ``"none"`` (weight-only) or ``"int8"``: W8A8 QDQ, int8 per-channel weights and int8
+            per-tensor static activation scales (`sw_onnx.passes.activations`; needs ``bits=8``).
+        calib_text: UTF-8 text whose first 2,048 tokens calibrate the activation ranges and the
+            super-activation channels (None: the detection prompt, data-free).
+        sa_keep_out: keep super-activation entries out of activation quantization. int4/int8 weight-only:
+            their input channels leave the MatMul (and its int8 activation blocks at accuracy_level 4) and
+            come back exactly, with their weight rows in float, on a side path (SmolLM2-135M int4 b32:
+            35.52 vs 37.49 without; docs/activation_quant.md). W8A8: replaced by the median before
+            quantization and restored exactly after (paper Eq. 1); off is the naive W8A8.
+        lm_head_bits: weight-only, without ``include_lm_head``: the lm_head's own bits, in blocks of
+            `LM_HEAD_BLOCK_SIZE` (8: onnxruntime fuses it into MatMulNBits ``bits=8``; 0 keeps it float),
+            as llama.cpp keeps its output tensor at higher precision (docs/quantize_defaults.md).
+    """
+
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = False
+    clip: str = "mse"
+    zscore: float | None = None
+    keep: str = "auto"
+    exclude: tuple[str, ...] = ()
+    include_lm_head: bool = False
+    format: str = "qdq"
+    verify: bool = True
+    force: bool = False
+    providers: tuple[str, ...] | None = None
+    min_top1_agreement: float | None = None
+    sensitive_input_ratio: float = 100.0
+    activations: str = "none"
+    calib_text: str | None = None
+    sa_keep_out: bool = True
+    lm_head_bits: int = 8
+
+    def validate(self) -> None:
+        """Raise `UsageError` on a bad value or combination (nothing is silently overridden)."""
+        if self.bits not in (4, 8):
+            raise UsageError(f"--bits {self.bits}: use 4 or 8")
+        bs = self.block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or (bs != 0 and (bs < 16 or bs & (bs - 1))):
+            raise UsageError(f"--block-size {bs}: use a power of two >= 16 (what MatMulNBits accepts), "
+                             "or 0 for per-channel")
+        if self.clip not in CLIP_MODES:
+            raise UsageError(f"--clip {self.clip}: use one of {', '.join(CLIP_MODES)} (zscore:Z sets z)")
+        if self.zscore is not None and (self.clip != "zscore" or not math.isfinite(self.zscore) or self.zscore < 0):
+            raise UsageError(f"zscore {self.zscore}: only with --clip zscore, a finite number >= 0")
+        if self.format not in FORMATS:
+            raise UsageError(f"--format {self.format}: use one of {', '.join(FORMATS)}")
+        if not self.keep:
+            raise UsageError("--keep: use auto, none or the path of a sw-onnx detect --json report")
+        if self.min_top1_agreement is not None and not 0 <= self.min_top1_agreement <= 1:
+            raise UsageError(f"min_top1_agreement {self.min_top1_agreement}: a fraction in [0, 1]")
+        if self.activations not in ("none", "int8"):
+            raise UsageError(f"--activations {self.activations}: use none or int8")
+        if self.activations == "int8" and (self.bits != 8 or self.format != "qdq"):
+            raise UsageError("--activations int8 is W8A8 QDQ: it needs --bits 8 and --format qdq",
+                             hint="sw-onnx quantize MODEL --bits 8 --activations int8")
+        if self.lm_head_bits not in (0, 4, 8):
+            raise UsageError(f"--lm-head-bits {self.lm_head_bits}: use 8, 4, or 0 to keep the lm_head float")
+        if self.calib_text is not None and self.activations == "none" and not self.sa_keep_out:
+            raise UsageError("--calib-text is only used by --activations int8 or --sa-keep-out")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["exclude"] = list(self.exclude)
+        d["providers"] = list(self.providers) if self.providers else None
+        return d

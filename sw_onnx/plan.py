@@ -1,0 +1,391 @@
+"""The quantization plan: what happens to every linear layer, and why, decided before the graph is touched.
+
+`build_quant_plan` turns the analysis of a model (its linear layers, the super weights to keep, the inputs'
+super-activation channels and ranges, per-layer accuracy levels) and a `QuantizeConfig` into a `QuantPlan`
+of one `LayerPlan` per linear layer (as llama.cpp decides each tensor's type before quantizing anything).
+The rewrite passes take the plan as their only instruction; the summary prints it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+from sw_onnx.config import LM_HEAD_BLOCK_SIZE, PER_CHANNEL, QuantizeConfig
+from sw_onnx.coordinates import Coordinate
+from sw_onnx.discover import LinearLayer, find_linear_layers, find_lm_head
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sw_onnx.analyze.input_stats import InputRange
+
+__all__ = ["ActivationPlan", "LayerPlan", "QuantPlan", "block_label", "build_quant_plan", "kernel_block_size"]
+
+_FLOAT_WEIGHTS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+# The JSON "layers" entries of schema sw-onnx/quantize v1, in this order; the plan's other fields follow.
+_V1_FIELDS = ("node", "op_type", "initializer", "position", "layer", "k", "n", "action", "reason", "form",
+              "is_lm_head", "kept", "accuracy_level", "float_bytes", "quantized_bytes", "quantized_node")
+
+
+@dataclass
+class ActivationPlan:
+    """W8A8: the static int8 range of a layer's input and its super-activation entries (paper Eq. 1).
+
+    Attributes:
+        range: the per-tensor range the scale is made from (``range / 127``).
+        naive_range: max |x| over the calibration tokens.
+        channels: super-activation channels restored exactly beyond `range` (empty: naive W8A8).
+        median: the Eq. 1 replacement value.
+    """
+
+    range: float
+    naive_range: float
+    channels: list[int]
+    median: float
+
+
+@dataclass
+class LayerPlan:
+    """One linear layer's plan, and after the passes what was written for it.
+
+    Attributes:
+        node, op_type, initializer, position, layer, k, n, is_lm_head: the layer (``k, n``: effective
+            ``[K, N]``; ``layer``: decoder index from names or None).
+        action: ``"quantized"`` or ``"skipped"``; reason: why skipped, or how it is quantized.
+        bits, block_size, symmetric, clip, zscore: its quantizer (``block_size`` 0: per-channel).
+        form: ``"qdq"``, ``"qdq-3d"`` (2-D activations lifted so that no Gemm forms), ``"nbits"`` or ``"w8a8"``.
+        lift_3d: 2-D activations go through the MatMul as 3-D (``Unsqueeze``/``Squeeze``): with them a
+            MatMul followed by a non-constant Add would become a Gemm, which neither fusion takes.
+        accuracy_level: MatMulNBits ``accuracy_level`` (nbits), else None.
+        kept: super weights kept exact, ``{"index", "k", "n", "value"}`` each (index in the initializer).
+        side_keep: of those, ``(k, n, value)`` for the weight pass's side path (the others leave with their
+            row on the super-activation channel side path).
+        sa_channels: input channels taken out of the MatMul and applied in float (int4/int8 weight-only).
+        activation: W8A8 input quantization, else None.
+        compute_dtype: the float type the layer multiplies in (ONNX element type).
+        float_bytes: bytes of the float weight; quantized_bytes, quantized_node: written by the passes.
+    """
+
+    node: str
+    op_type: str
+    initializer: str
+    position: int
+    layer: int | None
+    k: int
+    n: int
+    is_lm_head: bool = False
+    action: str = "quantized"
+    reason: str = ""
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = False
+    clip: str = "mse"
+    zscore: float | None = None
+    form: str | None = None
+    lift_3d: bool = False
+    accuracy_level: int | None = None
+    kept: list[dict] = field(default_factory=list)
+    side_keep: list[tuple[int, int, float]] = field(default_factory=list)
+    sa_channels: list[int] = field(default_factory=list)
+    activation: ActivationPlan | None = None
+    compute_dtype: int | None = None
+    float_bytes: int = 0
+    quantized_bytes: int = 0
+    quantized_node: str | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.action == "quantized"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for internal in ("side_keep", "compute_dtype", "lift_3d"):
+            d.pop(internal)
+        return {**{k: d.pop(k) for k in _V1_FIELDS}, **d}
+
+
+@dataclass
+class QuantPlan:
+    """Every linear layer's `LayerPlan`, in topological order, and what the plan could not use.
+
+    Attributes:
+        format: ``"qdq"`` or ``"nbits"`` (the W8A8 plan is ``"qdq"`` with form ``"w8a8"`` layers).
+        layers: one plan per linear layer.
+        unused_keep: keep coordinates that match no quantized layer.
+    """
+
+    format: str
+    layers: list[LayerPlan]
+    unused_keep: list[Coordinate] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[LayerPlan]:
+        return [p for p in self.layers if p.quantized]
+
+    def by_node(self) -> dict[str, LayerPlan]:
+        return {p.node: p for p in self.layers}
+
+    def lines(self) -> list[str]:
+        """One line per layer: what happens to it and why (the summary's table)."""
+        return [f"{p.node}: {p.action} ({p.reason})" for p in self.layers]
+
+
+def block_label(block_size: int) -> str:
+    """``"b32"``, or ``"per-channel"`` for `PER_CHANNEL`."""
+    return "per-channel" if block_size == PER_CHANNEL else f"b{block_size}"
+
+
+def kernel_block_size(block_size: int, k: int, form: str) -> int:
+    """The kernel's block size for a layer of depth `k`: `block_size`, or for per-channel `k` (QDQ
+    ``axis=1``) or, for MatMulNBits written directly, the next power of two >= max(k, 16): one padded block
+    per column, the same codes and scales as per-channel."""
+    if block_size != PER_CHANNEL:
+        return block_size
+    if form != "nbits":
+        return k
+    return max(16, 1 << (k - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the plan
+
+
+@dataclass
+class _Context:
+    """What the planner reads besides the layer itself."""
+
+    config: QuantizeConfig
+    lm_head: LinearLayer | None
+    keep_by_initializer: dict[str, list[tuple[int, ...]]]
+    channels: dict[str, list[int]]
+    ranges: Mapping[str, InputRange]
+    accuracy_levels: Mapping[str, int]
+    types: Mapping[str, tuple[int, int | None]]
+
+
+def build_quant_plan(
+    model: ir.Model,
+    config: QuantizeConfig,
+    *,
+    keep: Sequence[Coordinate] = (),
+    ranges: Mapping[str, InputRange] | None = None,
+    accuracy_levels: Mapping[str, int] | None = None,
+    types: Mapping[str, tuple[int, int | None]] | None = None,
+) -> QuantPlan:
+    """Decide every linear layer's quantization.
+
+    Raises:
+        UsageError: a bad configuration (`QuantizeConfig.validate`).
+
+    Args:
+        model: the float model, at the opset the passes will write (after `UpgradeOpsetPass` for QDQ).
+        config: the settings.
+        keep: super weights to keep exact.
+        ranges: ``{input value name: InputRange}`` (super-activation channels; W8A8 ranges).
+        accuracy_levels: nbits: ``accuracy_level`` per node name (default 4).
+        types: ``{value name: (elem type, rank)}`` for activations the graph does not declare
+            (`sw_onnx.shapes.value_types`); computed here when needed and not given.
+    """
+    config.validate()
+    layers, _ = find_linear_layers(model)
+    if types is None:
+        types = {}
+        if any(layer.input.shape is None or layer.input.dtype is None for layer in layers):
+            from sw_onnx.shapes import value_types
+
+            types = value_types(model)
+    by_init: dict[str, list[tuple[int, ...]]] = {}
+    for name, index in keep:
+        by_init.setdefault(name, []).append(tuple(index))
+    w8a8 = config.activations == "int8"
+    channels = {} if w8a8 or not config.sa_keep_out else _channels_by_node(ranges or {})
+    ctx = _Context(config, find_lm_head(model, layers), by_init, channels, ranges or {}, accuracy_levels or {}, types)
+    plans = [(_plan_w8a8 if w8a8 else _plan_weight_only)(layer, ctx) for layer in layers]
+    used = {(p.initializer, tuple(k["index"])) for p in plans if p.quantized for k in p.kept}
+    unused = [(name, tuple(index)) for name, index in keep if (name, tuple(index)) not in used]
+    return QuantPlan(format=config.format, layers=plans, unused_keep=unused)
+
+
+def _channels_by_node(ranges: Mapping[str, InputRange]) -> dict[str, list[int]]:
+    return {node: sorted({int(c) for c in r.channels}) for r in ranges.values() if r.channels for node in r.nodes}
+
+
+def _new_plan(layer: LinearLayer, ctx: _Context) -> LayerPlan:
+    init = layer.weight.initializer
+    return LayerPlan(
+        node=layer.name, op_type=layer.node.op_type, initializer=init.name, position=layer.position,
+        layer=layer.layer, k=layer.k, n=layer.n, is_lm_head=layer is ctx.lm_head,
+        float_bytes=layer.k * layer.n * (max(1, int(init.dtype.itemsize)) if init.dtype is not None else 4),
+    )
+
+
+def _skip_reason(layer: LinearLayer, ctx: _Context, *, lm_head_quantized: bool) -> str | None:
+    """Why a layer stays float, from the options and its weight type (None: it is quantized)."""
+    for pattern in ctx.config.exclude:
+        if fnmatch.fnmatchcase(layer.name, pattern):
+            return f"excluded by pattern {pattern!r}"
+    if layer is ctx.lm_head and not ctx.config.include_lm_head and not lm_head_quantized:
+        return "lm_head (its output is the logits) kept float: include_lm_head is off"
+    dtype = layer.weight.initializer.dtype
+    if dtype not in _FLOAT_WEIGHTS:
+        return f"weight is {dtype}, not floating point"
+    return None
+
+
+def _plan_weight_only(layer: LinearLayer, ctx: _Context) -> LayerPlan:
+    plan, config = _new_plan(layer, ctx), ctx.config
+    compute = _compute_dtype(layer, ctx.types)
+    plan.compute_dtype = int(compute) if compute is not None else None
+    plan.sa_channels = _sa_channels(layer, ctx)
+    alpha, beta, bias = gemm_parameters(layer.node)
+    reason = _skip_reason(layer, ctx, lm_head_quantized=bool(config.lm_head_bits))
+    if reason is None and compute not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        reason = f"activations are {compute}: MatMulNBits needs float or float16"
+    if reason is None and bias is not None and beta != 1.0 and bias.const_value is None:
+        reason = f"Gemm with beta={beta} on a non-constant C"
+    if reason is not None:
+        plan.action, plan.reason = "skipped", reason
+        return plan
+    own_bits = plan.is_lm_head and not config.include_lm_head  # reached only with lm_head_bits
+    plan.bits, plan.block_size = (config.lm_head_bits, LM_HEAD_BLOCK_SIZE) if own_bits else (config.bits, config.block_size)
+    plan.symmetric, plan.clip, plan.zscore = config.symmetric, config.clip, config.zscore
+    _plan_keep(plan, layer, ctx, alpha)
+    wrap = config.format == "qdq" and _rank(layer.input, ctx.types) != 3 and (
+        bool(plan.side_keep) or (bias is not None and bias.const_value is None)
+        or bool(plan.sa_channels) or _feeds_nonconstant_add(layer.output))  # the keep-out side path adds one
+    if config.format == "nbits":
+        plan.form = "nbits"
+        plan.accuracy_level = 4 if own_bits else ctx.accuracy_levels.get(layer.name, 4)
+    else:
+        plan.form, plan.lift_3d = ("qdq-3d", True) if wrap else ("qdq", False)
+    plan.reason = _describe(plan, wrap) + ("; the lm_head's own bits (lm_head_bits)" if own_bits else "")
+    if plan.sa_channels:
+        plan.reason += f", super-activation input channels {plan.sa_channels} kept out (float side path)"
+    return plan
+
+
+def _sa_channels(layer: LinearLayer, ctx: _Context) -> list[int]:
+    """The layer's super-activation input channels that the keep-out pass takes out (it skips the lm_head,
+    excluded and non-float layers, and channels outside K)."""
+    channels = ctx.channels.get(layer.name, [])
+    if not channels or _skip_reason(layer, ctx, lm_head_quantized=False) is not None:
+        return []
+    if any(not 0 <= c < layer.k for c in channels) or _activation_dtype(layer) not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        return []
+    return list(channels)
+
+
+def _plan_keep(plan: LayerPlan, layer: LinearLayer, ctx: _Context, alpha: float) -> None:
+    """Fill `kept` and `side_keep` from the keep coordinates on this layer's initializer."""
+    indices = ctx.keep_by_initializer.get(plan.initializer, [])
+    if not indices:
+        return
+    stored = layer.weight.initializer.const_value.numpy()
+    act_np = np.float16 if _activation_dtype(layer) == ir.DataType.FLOAT16 else np.float32
+    on_side, on_rows = [], []
+    for index in indices:
+        k, n = layer.weight.initializer_to_effective_index(index)
+        value = float(np.asarray(stored[index], dtype=np.float64)) * alpha
+        if k in plan.sa_channels:  # its whole row is exact on the keep-out side path already
+            on_rows.append({"index": list(index), "k": k, "n": n, "value": float(act_np(value))})
+        else:
+            plan.side_keep.append((k, n, value))
+            on_side.append({"index": list(index), "k": k, "n": n, "value": value})
+    plan.kept = on_side + on_rows
+
+
+def _plan_w8a8(layer: LinearLayer, ctx: _Context) -> LayerPlan:
+    plan, config = _new_plan(layer, ctx), ctx.config
+    reason = _skip_reason(layer, ctx, lm_head_quantized=False)
+    if reason is None and _activation_dtype(layer) != ir.DataType.FLOAT:
+        reason = f"activations are {_activation_dtype(layer)}: W8A8 here takes float32 activations"
+    r = ctx.ranges.get(layer.input.name)
+    if reason is None and r is None:
+        reason = "no calibration statistics for its input"
+    if reason is not None:
+        plan.action, plan.reason = "skipped", reason
+        return plan
+    alpha, _, _ = gemm_parameters(layer.node)
+    plan.bits, plan.block_size, plan.symmetric, plan.clip, plan.zscore = 8, PER_CHANNEL, config.symmetric, config.clip, config.zscore
+    plan.form, plan.compute_dtype = "w8a8", int(ir.DataType.FLOAT)
+    plan.lift_3d = _rank(layer.input, ctx.types) == 2
+    handled = config.sa_keep_out and bool(r.channels)
+    rng = r.handled_range if handled else r.naive_range
+    plan.activation = ActivationPlan(rng, r.naive_range, list(r.channels) if handled else [], r.median)
+    _plan_keep(plan, layer, ctx, alpha)
+    act = f"int8 activations per tensor, range {rng:.4g}"
+    if handled:
+        act += f" (naive {r.naive_range:.4g}; super-activation channels {r.channels} restored exactly beyond it)"
+    kept = [f"{len(plan.side_keep)} kept out"] if plan.side_keep else []
+    plan.reason = ", ".join([f"{'int' if plan.symmetric else 'uint'}8 per-channel, clip {plan.clip}", act] + kept)
+    return plan
+
+
+def _describe(plan: LayerPlan, wrap: bool) -> str:
+    parts = [f"{'int' if plan.symmetric else 'uint'}{plan.bits} {block_label(plan.block_size)}", f"clip {plan.clip}"]
+    if plan.op_type == "Gemm":
+        parts.append("Gemm rewritten as MatMul")
+    if plan.side_keep:
+        parts.append(f"{len(plan.side_keep)} kept out")
+    if wrap:
+        parts.append("2-D activations lifted to 3-D so MatMul+Add does not become Gemm")
+    if plan.accuracy_level is not None:
+        parts.append(f"accuracy_level {plan.accuracy_level}")
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Facts about a layer's graph neighbourhood that the plan depends on
+
+
+def gemm_parameters(node: ir.Node) -> tuple[float, float, ir.Value | None]:
+    """(alpha, beta, C) of a Gemm; (1, 1, None) for a MatMul."""
+    if node.op_type != "Gemm":
+        return 1.0, 1.0, None
+    alpha, beta = node.attributes.get("alpha"), node.attributes.get("beta")
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    return (alpha.as_float() if alpha is not None else 1.0), (beta.as_float() if beta is not None else 1.0), bias
+
+
+def _activation_dtype(layer: LinearLayer) -> ir.DataType:
+    for value in (layer.input, layer.output):
+        if value.dtype is not None:
+            return value.dtype
+    return ir.DataType.FLOAT
+
+
+def _compute_dtype(layer: LinearLayer, types: Mapping[str, tuple[int, int | None]]) -> ir.DataType | None:
+    """The float type the layer multiplies in: its activation's type, else the weight chain's last Cast."""
+    for value in (layer.input, layer.output):
+        if value.dtype is not None:
+            return value.dtype
+        if value.name in types and types[value.name][0]:
+            return ir.DataType(types[value.name][0])
+    value = layer.node.inputs[1]
+    while value is not None and value.const_value is None:
+        producer = value.producer()
+        if producer is None:
+            break
+        if producer.op_type == "Cast":
+            return ir.DataType(producer.attributes["to"].as_int())
+        value = producer.inputs[0]
+    return layer.weight.initializer.dtype
+
+
+def _rank(value: ir.Value, types: Mapping[str, tuple[int, int | None]]) -> int | None:
+    """3 for rank >= 3, else the known rank, else None."""
+    rank = len(value.shape) if value.shape is not None else types.get(value.name, (0, None))[1]
+    return None if rank is None else min(rank, 3)
+
+
+def _feeds_nonconstant_add(value: ir.Value) -> bool:
+    """Whether an Add of two activations reads `value` (onnxruntime would fuse a 2-D MatMul into a Gemm)."""
+    for use in value.uses():
+        node = use.node
+        if node.op_type == "Add" and all(i is not None and i.const_value is None for i in node.inputs):
+            return True
+    return False
