@@ -10,6 +10,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 __all__ = [
+    "ALL_VARIANTS",
+    "CONTRIB_VARIANTS",
     "DEFAULT_PROMPT",
     "VARIANTS",
     "PlantedSuperWeight",
@@ -22,6 +24,8 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from sample_models.build import (
+        ALL_VARIANTS,
+        CONTRIB_VARIANTS,
         DEFAULT_PROMPT,
         VARIANTS,
         PlantedSuperWeight,

@@ -22,8 +22,21 @@ Variants: see :data:`VARIANTS` and :func:`build_sample_model`. ``optimum`` (and 
 its weights) plant two super weights in the same row of layer 1's down_proj (about 60% / 40% of the spike,
 like Llama-13B); ``gemm``, ``fp16`` and ``external`` plant one; ``clean`` plants nothing.
 
+:data:`CONTRIB_VARIANTS` (kept out of ``VARIANTS``: sw_onnx does not take these graphs yet):
+
+* ``genai``: the graph onnxruntime-genai's model builder (0.15.2, ``-p fp32 -e cpu``) writes, with gemm's
+  weights (one super weight): ``SimplifiedLayerNormalization`` (default domain, opset 21), then
+  ``com.microsoft::SkipSimplifiedLayerNormalization`` carrying the residual adds (output 3 = residual sum),
+  ``com.microsoft::GroupQueryAttention`` (RoPE from ``cos_cache``/``sin_cache``) on a packed qkv MatMul,
+  inputs ``input_ids``, ``attention_mask``, ``past_key_values.{i}.key/value`` (no position_ids), every
+  initializer in ``model.onnx.data``, and ``genai_config.json`` instead of ``config.json``.
+  onnx.checker rejects it (as it rejects the builder's models); onnxruntime and onnxruntime_genai run it.
+* ``merged``: optimum's older ``decoder_model_merged.onnx``, with optimum's weights (the pair): one
+  ``If`` on the bool input ``use_cache_branch`` whose then-branch is the with-past decoder and else-branch
+  the decoder without past; every weight is an outer-scope initializer read from inside both branches.
+
 Run ``python -m sample_models.build --out DIR [--variant V ...]`` to write ``DIR/<variant>/model.onnx``,
-``ground_truth.json`` and ``config.json``.
+``ground_truth.json`` and ``config.json`` (genai: ``genai_config.json``).
 """
 
 from __future__ import annotations
@@ -43,6 +56,8 @@ __all__ = [
     "PlantedSuperWeight",
     "SampleModel",
     "VARIANTS",
+    "CONTRIB_VARIANTS",
+    "ALL_VARIANTS",
     "build_sample_model",
     "build_all",
     "make_feeds",
@@ -51,6 +66,10 @@ __all__ = [
 ]
 
 VARIANTS = ("optimum", "gemm", "fp16", "external", "kvcache", "clean")
+CONTRIB_VARIANTS = ("genai", "merged")
+"""Graphs sw_onnx does not handle yet (onnxruntime contrib ops; an ``If`` with decoder subgraphs). Kept out of
+:data:`VARIANTS`, which the detect / quantize tests iterate over."""
+ALL_VARIANTS = VARIANTS + CONTRIB_VARIANTS
 
 # Architecture constants.
 VOCAB = 256
@@ -85,6 +104,8 @@ _PLANTING = {
     "fp16": "single",
     "external": "single",
     "clean": None,
+    "genai": "single",  # same weights as gemm / fp16 / external
+    "merged": "pair",  # same weights as optimum / kvcache
 }
 
 
@@ -291,12 +312,13 @@ class _Graph:
 class _Builder:
     """Builds one variant's graph. `hf` = optimum-like (3-D activations), else gemm/gguf-like (2-D)."""
 
-    def __init__(self, variant: str, w: dict):
+    def __init__(self, variant: str, w: dict, *, kv: bool | None = None, present: bool = False):
         self.variant = variant
         self.w = w
         self.hf = variant != "gemm"
         self.fp16 = variant == "fp16"
-        self.kv = variant == "kvcache"
+        self.kv = variant == "kvcache" if kv is None else kv
+        self.present = present and not self.kv  # no past inputs, yet present.* outputs (optimum's decoder_model)
         self.g = _Graph()
         self.linear_info: dict[tuple[int, str], tuple[str, str]] = {}  # (layer, kind) -> (node, init)
         self.tensors: dict[str, list[str] | str] = {
@@ -423,6 +445,7 @@ class _Builder:
         cos = g.op("Unsqueeze", [cos, g.const(head_axis, np.int64)], self.p("/model/rotary_emb/Unsqueeze_1", "rope.cos_h"))
         sin = g.op("Unsqueeze", [sin, g.const(head_axis, np.int64)], self.p("/model/rotary_emb/Unsqueeze_2", "rope.sin_h"))
 
+        present_names: dict[str, str] = {}
         split_shape = [0, 0, NUM_HEADS, HEAD_DIM] if self.hf else [0, NUM_HEADS, HEAD_DIM]
         merge_shape = [0, 0, HIDDEN] if self.hf else [0, HIDDEN]
         to_heads = [0, 2, 1, 3] if self.hf else [1, 0, 2]
@@ -447,6 +470,12 @@ class _Builder:
                 for kind, name in (("k", "key"), ("v", "value")):
                     heads[kind] = g.op("Concat", [f"past_key_values.{i}.{name}", heads[kind]],
                                        f"{L}/self_attn/Concat_{name}", outputs=[f"present.{i}.{name}"], axis=2)
+                    outputs.append(helper.make_tensor_value_info(
+                        f"present.{i}.{name}", TensorProto.FLOAT,
+                        ["batch_size", NUM_HEADS, "total_sequence_length", HEAD_DIM]))
+            elif self.present:  # the key/value heads themselves are the outputs, renamed below
+                for kind, name in (("k", "key"), ("v", "value")):
+                    present_names[heads[kind]] = f"present.{i}.{name}"
                     outputs.append(helper.make_tensor_value_info(
                         f"present.{i}.{name}", TensorProto.FLOAT,
                         ["batch_size", NUM_HEADS, "total_sequence_length", HEAD_DIM]))
@@ -491,12 +520,248 @@ class _Builder:
             logits_shape = ["sequence_length", VOCAB]
         self.linear_info[(-1, "lm_head")] = (node, init)
         outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, logits_shape))
+        for node in g.nodes:
+            for seq in (node.input, node.output):
+                for k, name in enumerate(seq):
+                    if name in present_names:
+                        seq[k] = present_names[name]
 
         graph = helper.make_graph(g.nodes, f"sw_onnx_sample_{self.variant}", inputs, outputs, g.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="sw_onnx.sample_models", producer_version="0.1")
         model.ir_version = 8
         return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Contrib-op graphs: onnxruntime-genai's model builder, optimum's merged decoder
+# --------------------------------------------------------------------------------------------------
+
+GENAI_OPSET = 21  # the builder's default-domain opset (onnxruntime-genai 0.15.2)
+GENAI_CONTEXT = 2048  # rows of cos_cache / sin_cache, genai_config's context_length and max_length
+GENAI_DATA = "model.onnx.data"
+MERGED_IR_VERSION = 9  # optimum's merge_decoders writes IR 9
+
+
+class _GenaiBuilder:
+    """The graph onnxruntime-genai's model builder writes for a Llama decoder (``-p fp32 -e cpu``).
+
+    Node, tensor and initializer names follow the builder: ``/model/layers.{i}/attn/qkv_proj/MatMul``
+    (packed [hidden, (heads + 2 * kv_heads) * head_dim] weight ``model.layers.{i}.attn.qkv_proj.MatMul.weight``),
+    ``com.microsoft::GroupQueryAttention`` (RoPE inside from ``cos_cache``/``sin_cache``, KV cache in
+    ``past_key_values.{i}.key`` -> ``present.{i}.key``, sequence lengths from the attention mask),
+    ``SimplifiedLayerNormalization`` (default domain) for the first norm, then
+    ``com.microsoft::SkipSimplifiedLayerNormalization`` for every later norm: it adds the residual
+    (output 3 = input + skip, the residual stream) and normalizes (output 0). The final norm has only
+    output 0, so the residual after the last layer is never materialised. SiLU is Sigmoid + Mul.
+    """
+
+    def __init__(self, w: dict):
+        self.w = w
+        self.g = _Graph()
+        self.linear_info: dict[tuple[int, str], tuple[str, str]] = {}
+        self.tensors: dict[str, list | str] = {k: [] for k in (
+            "attn_norm", "attn_residual", "mlp_norm", "down_proj_input", "down_proj_output", "residual")}
+
+    def const(self, value, suffix: str) -> str:
+        """An int64 Constant node, named as the builder names them."""
+        out = f"/model/constants/INT64/{suffix}"
+        self.g.nodes.append(helper.make_node(
+            "Constant", [], [out], name=f"/model/constant_nodes/INT64/{suffix}",
+            value=numpy_helper.from_array(np.asarray(value, dtype=np.int64), out)))
+        return out
+
+    def op(self, op_type: str, inputs: Sequence[str], name: str, n_out: int = 1, domain: str = "", **attrs):
+        outputs = [f"{name}/output_{k}" for k in range(n_out)]
+        self.g.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=name, domain=domain or None,
+                                             **attrs))
+        return outputs[0] if n_out == 1 else outputs
+
+    def linear(self, x: str, wt: np.ndarray, layer: int, kind: str, prefix: str) -> str:
+        """x @ wt.T, wt in torch layout [out, in]; the initializer is stored [in, out] (KN)."""
+        node = f"{prefix}/MatMul"
+        init = self.g.init(f"{prefix.strip('/').replace('/', '.')}.MatMul.weight", wt.T.astype(np.float32))
+        self.linear_info[(layer, kind)] = (node, init)
+        return self.op("MatMul", [x, init], node)
+
+    def norm_weight(self, name: str, weight: np.ndarray) -> str:
+        return self.g.init(name, weight.astype(np.float32))
+
+    def build(self) -> onnx.ModelProto:
+        g, w = self.g, self.w
+        f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+        kv_dims = ["batch_size", NUM_HEADS, "past_sequence_length", "kv_cache_dim"]
+        inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
+                  helper.make_tensor_value_info("attention_mask", i64, ["batch_size", "total_sequence_length"])]
+        outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", VOCAB])]
+        for kind in ("key", "value"):
+            for i in range(NUM_LAYERS):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, kv_dims))
+                outputs.append(helper.make_tensor_value_info(
+                    f"present.{i}.{kind}", f32, ["batch_size", NUM_HEADS, "total_sequence_length", "kv_cache_dim"]))
+
+        # attention mask -> GroupQueryAttention's seqlens_k (row sums - 1) and total_sequence_length, int32
+        M = "/model/attn_mask_reformat/attn_mask_subgraph"
+        one_1d = self.const([1], "[1]")
+        rs = self.op("ReduceSum", ["attention_mask", one_1d], f"{M}/ReduceSum", keepdims=0)
+        sub = self.op("Sub", [rs, one_1d], f"{M}/Sub")
+        seqlens_k = self.op("Cast", [sub], f"{M}/Sub/Cast", to=TensorProto.INT32)
+        shape = self.op("Shape", ["attention_mask"], f"{M}/Shape")
+        tot = self.op("Gather", [shape, self.const(1, "1")], f"{M}/Gather", axis=0)
+        total_len = self.op("Cast", [tot], f"{M}/Gather/Cast", to=TensorProto.INT32)
+
+        emb = g.init("model.embed_tokens.weight", w["embed"])
+        h = self.op("Gather", [emb, "input_ids"], "/model/embed_tokens/Gather")
+        inv_freq = 1.0 / (ROPE_THETA ** (np.arange(0, HEAD_DIM, 2, dtype=np.float64) / HEAD_DIM))
+        freqs = np.outer(np.arange(GENAI_CONTEXT, dtype=np.float64), inv_freq)
+        cos_cache = sin_cache = None
+        attrs = dict(epsilon=RMS_EPS)
+        down = None
+        for i, lw in enumerate(w["layers"]):
+            L = f"/model/layers.{i}"
+            # --- attention
+            gamma = self.norm_weight(f"model.layers.{i}.input_layernorm.weight", lw["input_norm"])
+            if i == 0:
+                n = f"{L}/input_layernorm/output_0"
+                g.nodes.append(helper.make_node("SimplifiedLayerNormalization", [h, gamma], [n],
+                                                name=f"{L}/input_layernorm/LayerNorm", axis=-1, stash_type=1,
+                                                **attrs))
+            else:
+                self._skip_norm(h, down, gamma, f"{L}/input_layernorm", attrs)
+                n, h = f"{L}/input_layernorm/output_0", f"{L}/input_layernorm/output_3"
+                self.tensors["residual"].append(h)
+            self.tensors["attn_norm"].append(n)
+            qkv = np.concatenate([lw["q"], lw["k"], lw["v"]], axis=0)  # [out = q | k | v, in]
+            y = self.linear(n, qkv, i, "qkv_proj", f"{L}/attn/qkv_proj")
+            if cos_cache is None:  # the builder stores the RoPE tables after the first qkv weight
+                cos_cache = g.init("cos_cache", np.cos(freqs).astype(np.float32))
+                sin_cache = g.init("sin_cache", np.sin(freqs).astype(np.float32))
+            gqa = f"{L}/attn/GroupQueryAttention"
+            g.nodes.append(helper.make_node(
+                "GroupQueryAttention",
+                [y, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+                 cos_cache, sin_cache, "", "", ""],
+                [f"{gqa}/output_0", f"present.{i}.key", f"present.{i}.value"], name=gqa, domain="com.microsoft",
+                num_heads=NUM_HEADS, kv_num_heads=NUM_HEADS, scale=1.0 / math.sqrt(HEAD_DIM), local_window_size=-1,
+                softcap=0.0, do_rotary=1, rotary_interleaved=0))
+            ao = self.linear(f"{gqa}/output_0", lw["o"], i, "o_proj", f"{L}/attn/o_proj")
+            # --- MLP
+            gamma = self.norm_weight(f"model.layers.{i}.post_attention_layernorm.weight", lw["post_norm"])
+            self._skip_norm(h, ao, gamma, f"{L}/post_attention_layernorm", attrs)
+            n, h = f"{L}/post_attention_layernorm/output_0", f"{L}/post_attention_layernorm/output_3"
+            self.tensors["attn_residual"].append(h)
+            self.tensors["mlp_norm"].append(n)
+            gt = self.linear(n, lw["gate"], i, "gate_proj", f"{L}/mlp/gate_proj")
+            up = self.linear(n, lw["up"], i, "up_proj", f"{L}/mlp/up_proj")
+            sg = self.op("Sigmoid", [gt], f"{L}/mlp/act_fn/Sigmoid")
+            act = self.op("Mul", [gt, sg], f"{L}/mlp/act_fn/Mul")
+            x = self.op("Mul", [act, up], f"{L}/mlp/Mul")
+            self.tensors["down_proj_input"].append(x)
+            down = self.linear(x, lw["down"], i, "down_proj", f"{L}/mlp/down_proj")
+            self.tensors["down_proj_output"].append(down)
+
+        F = f"/model/layers.{NUM_LAYERS}/final_norm_layernorm"
+        gamma = self.norm_weight(f"model.layers.{NUM_LAYERS}.final_norm_layernorm.weight", w["final_norm"])
+        g.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [h, down, gamma], [f"{F}/output_0"],
+                                        name=f"{F}/SkipLayerNorm", domain="com.microsoft", **attrs))
+        self.tensors["residual"].append(None)  # the final norm writes no residual output (as the builder's)
+        self.tensors["final_norm"] = f"{F}/output_0"
+        init = g.init("lm_head.MatMul.weight", w["lm_head"].T.astype(np.float32))
+        g.nodes.append(helper.make_node("MatMul", [f"{F}/output_0", init], ["logits"], name="/lm_head/MatMul"))
+        self.linear_info[(-1, "lm_head")] = ("/lm_head/MatMul", init)
+
+        graph = helper.make_graph(g.nodes, "main_graph", inputs, outputs, g.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", GENAI_OPSET),
+                                                        helper.make_opsetid("com.microsoft", 1)],
+                                  producer_name="onnxruntime-genai", producer_version="sw_onnx.sample_models")
+        model.ir_version = 10
+        return model
+
+    def _skip_norm(self, residual: str, skip: str, gamma: str, prefix: str, attrs: dict) -> None:
+        """SkipSimplifiedLayerNormalization: output_0 = norm(residual + skip) * gamma, output_3 = residual + skip."""
+        self.g.nodes.append(helper.make_node(
+            "SkipSimplifiedLayerNormalization", [residual, skip, gamma],
+            [f"{prefix}/output_0", "", "", f"{prefix}/output_3"], name=f"{prefix}/SkipLayerNorm",
+            domain="com.microsoft", **attrs))
+
+
+def _genai_config() -> dict:
+    """genai_config.json as onnxruntime-genai 0.15.2's builder writes it for this model."""
+    return {
+        "model": {
+            "bos_token_id": BOS_TOKEN_ID,
+            "context_length": GENAI_CONTEXT,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": HEAD_DIM,
+                "hidden_size": HIDDEN,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": NUM_HEADS,
+                "num_hidden_layers": NUM_LAYERS,
+                "num_key_value_heads": NUM_HEADS,
+            },
+            "eos_token_id": EOS_TOKEN_ID,
+            "pad_token_id": EOS_TOKEN_ID,  # the builder's fallback when config.json names no pad token
+            "type": "llama",
+            "vocab_size": VOCAB,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": GENAI_CONTEXT, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+        },
+    }
+
+
+def _merged_model(w: dict) -> tuple[onnx.ModelProto, _Builder]:
+    """optimum's (older) ``decoder_model_merged.onnx``: ``If(use_cache_branch)`` whose then-branch is the
+    with-past decoder and else-branch the decoder without past (which still outputs ``present.*``).
+
+    As optimum's ``merge_decoders``: the branches take no inputs, read the outer graph's inputs and the
+    outer-scope initializers (every weight, so each linear layer's MatMul sits inside both branches and reads
+    the same initializer); scalars and 1-D int64 constants stay inside each branch. Node and tensor names are
+    the same in both branches; the branch outputs are named as the If outputs (``logits``, ``present.*``).
+    """
+    past = _Builder("merged", w, kv=True)
+    no_past = _Builder("merged", w, kv=False, present=True)
+    m_past, m_no_past = past.build(), no_past.build()
+    assert past.linear_info == no_past.linear_info and past.tensors == no_past.tensors
+
+    def small(t: onnx.TensorProto) -> bool:
+        return len(t.dims) == 0 or (len(t.dims) == 1 and t.data_type in (TensorProto.INT32, TensorProto.INT64))
+
+    shared = {t.name: t for t in m_past.graph.initializer if not small(t)}
+    for t in m_no_past.graph.initializer:
+        if not small(t):
+            assert t.name in shared and t.SerializeToString() == shared[t.name].SerializeToString(), t.name
+    outer_inits = [t for t in m_past.graph.initializer if not small(t)]
+
+    def branch(m: onnx.ModelProto, name: str) -> onnx.GraphProto:
+        return helper.make_graph(list(m.graph.node), name, [], list(m.graph.output),
+                                 [t for t in m.graph.initializer if small(t)])
+
+    with_past_branch, no_past_branch = branch(m_past, "with_past"), branch(m_no_past, "no_past")
+    if_node = helper.make_node("If", ["use_cache_branch"], [o.name for o in no_past_branch.output],
+                               name="optimum::if", then_branch=with_past_branch, else_branch=no_past_branch)
+    use_cache = helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])
+    graph = helper.make_graph([if_node], "merged", [*m_past.graph.input, use_cache], list(no_past_branch.output),
+                              outer_inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="sw_onnx.sample_models", producer_version="0.1")
+    model.ir_version = MERGED_IR_VERSION
+    return model, past
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,13 +792,23 @@ def _hf_config(config: dict) -> dict:
 
 
 def build_sample_model(variant: str, out_dir: Path | str, *, seed: int = 0) -> SampleModel:
-    """Build one variant into ``out_dir/<variant>/`` (model.onnx, ground_truth.json, config.json)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    """Build one variant (of :data:`ALL_VARIANTS`) into ``out_dir/<variant>/`` (model.onnx, ground_truth.json,
+    config.json; genai: model.onnx.data and genai_config.json instead of config.json)."""
+    if variant not in ALL_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {ALL_VARIANTS}")
     w, records = _weights(variant, seed)
-    b = _Builder(variant, w)
-    model = b.build()
-    onnx.checker.check_model(model, full_check=True)
+    if variant == "genai":
+        b = _GenaiBuilder(w)
+        model = b.build()
+        # no onnx.checker: it rejects SimplifiedLayerNormalization in the default domain, as it rejects the
+        # builder's own models ("No Op registered"); onnxruntime registers it, and the tests run the model
+    elif variant == "merged":
+        model, b = _merged_model(w)
+        onnx.checker.check_model(model, full_check=True)
+    else:
+        b = _Builder(variant, w)
+        model = b.build()
+        onnx.checker.check_model(model, full_check=True)
 
     init_by_name = {t.name: t for t in model.graph.initializer}
     sws: list[PlantedSuperWeight] = []
@@ -559,6 +834,12 @@ def build_sample_model(variant: str, out_dir: Path | str, *, seed: int = 0) -> S
             data.unlink()
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024, convert_attribute=False)
+    elif variant == "genai":  # as the builder: every initializer in one external file
+        data = vdir / GENAI_DATA
+        if data.exists():
+            data.unlink()
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=GENAI_DATA, size_threshold=0, convert_attribute=False)
     else:
         onnx.save_model(model, str(path))
 
@@ -577,14 +858,30 @@ def build_sample_model(variant: str, out_dir: Path | str, *, seed: int = 0) -> S
         "input_names": input_names,
         "output_names": [o.name for o in model.graph.output],
         "batch_dim": variant != "gemm",
-        "opset": OPSET,
+        "opset": GENAI_OPSET if variant == "genai" else OPSET,
         # names of intermediate tensors (one per layer unless noted), for tests / instrumentation
         "tensors": dict(b.tensors),
         # (layer, projection) -> node / initializer names; layer -1 is lm_head
         "linear_nodes": {f"{l}.{k}": {"node": n, "initializer": i} for (l, k), (n, i) in b.linear_info.items()},
     }
+    notes = ("two super weights share the row (about 60% / 40% of the spike): zero them together"
+             if len(records) > 1 else "")
+    if variant == "genai":
+        config["genai_config"] = _genai_config()
+        notes += ("onnxruntime-genai builder layout: contrib ops (SimplifiedLayerNormalization, "
+                  "com.microsoft SkipSimplifiedLayerNormalization / GroupQueryAttention), packed qkv, weights in "
+                  f"{GENAI_DATA}; feed input_ids, attention_mask and empty past_key_values.* (no position_ids)")
+    elif variant == "merged":
+        config["if_node"] = "optimum::if"
+        config["branches"] = {"then_branch": "with_past", "else_branch": "no_past"}
+        notes += ("; optimum merged decoder: the nodes (and tensors) named here sit in both branches of the "
+                  "If 'optimum::if' (use_cache_branch: then = with past, else = without), the weights are "
+                  "outer-scope initializers")
     sa = records[0]["row"] if records else None
-    (vdir / "config.json").write_text(json.dumps(_hf_config(config), indent=2) + "\n")
+    if variant == "genai":  # the builder writes genai_config.json, no config.json
+        (vdir / "genai_config.json").write_text(json.dumps(config["genai_config"], indent=4) + "\n")
+    else:
+        (vdir / "config.json").write_text(json.dumps(_hf_config(config), indent=2) + "\n")
     (vdir / "ground_truth.json").write_text(json.dumps({
         "variant": variant,
         "seed": seed,
@@ -594,8 +891,7 @@ def build_sample_model(variant: str, out_dir: Path | str, *, seed: int = 0) -> S
         "super_activation_channel": sa,
         "super_activation_layer": SW_LAYER if records else None,
         "super_weights": gt_records,
-        "notes": ("two super weights share the row (about 60% / 40% of the spike): zero them together"
-                  if len(records) > 1 else ""),
+        "notes": notes,
     }, indent=2) + "\n")
     return SampleModel(path=path, variant=variant, super_weights=sws, super_activation_channel=sa, config=config)
 
@@ -606,8 +902,9 @@ def build_all(out_dir: Path | str, variants: Iterable[str] = VARIANTS, *, seed: 
 
 def make_feeds(sample: SampleModel, tokens: Sequence[int] = DEFAULT_PROMPT, *,
                past: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """onnxruntime feeds for `tokens` (one sequence). For kvcache, `past` maps past_key_values.* names
-    to arrays [1, heads, past, head_dim]; missing ones are empty (past length 0)."""
+    """onnxruntime feeds for `tokens` (one sequence). For kvcache, genai and merged, `past` maps
+    past_key_values.* names to arrays [1, heads, past, head_dim]; missing ones are empty (past length 0).
+    genai takes no position_ids; merged takes use_cache_branch = [past given]."""
     ids = np.asarray(tokens, dtype=np.int64)
     if not sample.config["batch_dim"]:
         return {"tokens": ids}
@@ -619,9 +916,14 @@ def make_feeds(sample: SampleModel, tokens: Sequence[int] = DEFAULT_PROMPT, *,
         "attention_mask": np.ones((1, past_len + s), dtype=np.int64),
         "position_ids": np.arange(past_len, past_len + s, dtype=np.int64)[None, :],
     }
-    for name in sample.config["input_names"]:
+    names = sample.config["input_names"]
+    if "position_ids" not in names:  # genai: GroupQueryAttention takes the positions from the mask
+        del feeds["position_ids"]
+    for name in names:
         if name.startswith("past_key_values."):
             feeds[name] = past.get(name, np.zeros((1, NUM_HEADS, 0, HEAD_DIM), dtype=np.float32))
+    if "use_cache_branch" in names:
+        feeds["use_cache_branch"] = np.asarray([bool(past)])
     return feeds
 
 
@@ -629,7 +931,8 @@ def run_sample_model(sample: SampleModel | str | Path, tokens: Sequence[int] = D
                      extra_outputs: Sequence[str] = (), model: onnx.ModelProto | None = None,
                      feeds: dict | None = None) -> dict[str, np.ndarray]:
     """Run with onnxruntime (CPU). `extra_outputs`: intermediate float tensors to expose as well.
-    `model` overrides the file (e.g. a copy with a zeroed weight). Returns {output name: array}."""
+    `model` overrides the file (e.g. a copy with a zeroed weight). Returns {output name: array}.
+    In the merged variant, tensors of the If branches are exposed through both branches and the If."""
     import onnxruntime as ort
 
     if not isinstance(sample, SampleModel):
@@ -639,8 +942,14 @@ def run_sample_model(sample: SampleModel | str | Path, tokens: Sequence[int] = D
         m2 = onnx.ModelProto()
         m2.CopyFrom(m)
         have = {o.name for o in m2.graph.output}
+        produced = {o for n in m2.graph.node for o in n.output}
+        if_nodes = [n for n in m2.graph.node if n.op_type == "If"]
         for name in extra_outputs:
             if name not in have:
+                if name not in produced and if_nodes:  # a tensor inside the branches (merged)
+                    for attr in if_nodes[0].attribute:
+                        attr.g.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+                    if_nodes[0].output.append(name)
                 m2.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
         m = m2
     so = ort.SessionOptions()
@@ -656,10 +965,10 @@ def run_sample_model(sample: SampleModel | str | Path, tokens: Sequence[int] = D
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sample_models.build", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output directory (DIR/<variant>/model.onnx ...)")
-    ap.add_argument("--variant", action="append", choices=VARIANTS, help="variant(s) to build (default: all)")
+    ap.add_argument("--variant", action="append", choices=ALL_VARIANTS, help="variant(s) to build (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    for v in args.variant or VARIANTS:
+    for v in args.variant or ALL_VARIANTS:
         sm = build_sample_model(v, args.out, seed=args.seed)
         sws = ", ".join(f"L{s.layer}[{s.row},{s.col}]={s.value:.4g}" for s in sm.super_weights) or "none"
         print(f"{v:9s} {sm.path}  super weights: {sws}")

@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +44,7 @@ WIKITEXT_ENV = "SW_ONNX_WIKITEXT"
 
 def default_wikitext_path() -> Path:
     """The WikiText-2 test text: ``$SW_ONNX_WIKITEXT``, else ``<repo>/../shared/data/wikitext2_test.txt``,
-    else ``./shared/data/wikitext2_test.txt``.
+    else ``./shared/data/wikitext2_test.txt``, else the copy shipped in the package (``sw_onnx/data``).
 
     Raises:
         FileNotFoundError: none of these exists (or the environment variable names a missing file).
@@ -58,6 +59,7 @@ def default_wikitext_path() -> Path:
     candidates = [
         repo.parent / "shared" / "data" / WIKITEXT_FILE_NAME,
         Path.cwd() / "shared" / "data" / WIKITEXT_FILE_NAME,
+        Path(str(resources.files("sw_onnx") / "data" / WIKITEXT_FILE_NAME)),  # packaged (CC BY-SA 3.0)
     ]
     for p in candidates:
         if p.is_file():

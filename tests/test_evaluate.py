@@ -236,3 +236,21 @@ def test_default_wikitext_path(monkeypatch, tmp_path):
         assert "SW_ONNX_WIKITEXT" in str(e)
     else:
         assert p.name == "wikitext2_test.txt" and p.is_file()
+
+
+def test_packaged_wikitext_is_found_without_shared_or_env(monkeypatch, tmp_path):
+    """The WikiText-2 test text ships in the package (sw_onnx/data, CC BY-SA 3.0 notice beside it): with no
+    $SW_ONNX_WIKITEXT and no shared/ folder anywhere it looks, the packaged copy is returned."""
+    import sw_onnx.evaluate as ev
+
+    monkeypatch.delenv("SW_ONNX_WIKITEXT", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./shared/data here
+    real_is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: "shared" not in self.parts and real_is_file(self))
+    p = ev.default_wikitext_path()
+    assert "shared" not in p.parts and p.name == "wikitext2_test.txt"
+    assert p.parent == Path(ev.__file__).resolve().parent / "data"
+    text = p.read_text(encoding="utf-8")
+    assert text.startswith(" \n = Robert Boulter = \n") and len(text) > 1_000_000
+    notice = (p.parent / "LICENSE-wikitext.txt").read_text(encoding="utf-8")
+    assert "CC BY-SA 3.0" in notice and "Merity" in notice and "Wikipedia" in notice

@@ -12,6 +12,8 @@ import pytest
 from onnx import numpy_helper
 
 from sample_models import (
+    ALL_VARIANTS,
+    CONTRIB_VARIANTS,
     DEFAULT_PROMPT,
     VARIANTS,
     PlantedSuperWeight,
@@ -22,13 +24,14 @@ from sample_models import (
 )
 from sample_models.build import main as build_main  # noqa: E402
 
-PLANTED = tuple(v for v in VARIANTS if v != "clean")
+PLANTED = tuple(v for v in ALL_VARIANTS if v != "clean")  # contrib variants too: these tests only run them
+PAIRS = ("optimum", "kvcache", "merged")  # two super weights in one row
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, SampleModel]:
     out = tmp_path_factory.mktemp("sample_models")
-    return {v: build_sample_model(v, out) for v in VARIANTS}
+    return {v: build_sample_model(v, out) for v in ALL_VARIANTS}
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
@@ -40,7 +43,7 @@ def _all_tensor_names(sm: SampleModel) -> list[str]:
     t = sm.config["tensors"]
     names = [t["final_norm"]]
     for k in ("attn_norm", "attn_residual", "mlp_norm", "down_proj_input", "down_proj_output", "residual"):
-        names += t[k]
+        names += [n for n in t[k] if n is not None]  # genai: no residual output after the last layer
     return names
 
 
@@ -55,10 +58,21 @@ def _down_io(sm: SampleModel, run: dict, layer: int) -> tuple[np.ndarray, np.nda
     return _flat(run[t["down_proj_input"][layer]]), _flat(run[t["down_proj_output"][layer]])
 
 
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes and those of its subgraphs (If branches), depth first."""
+    out = []
+    for n in graph.node:
+        out.append(n)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out += _all_nodes(a.g)
+    return out
+
+
 def _weight_source(model: onnx.ModelProto, node_name: str) -> str:
-    """Initializer feeding the node's weight input, through Cast/Transpose."""
-    nodes = {n.name: n for n in model.graph.node}
-    producer = {o: n for n in model.graph.node for o in n.output}
+    """Initializer feeding the node's weight input, through Cast/Transpose (also inside If branches)."""
+    nodes = {n.name: n for n in _all_nodes(model.graph)}
+    producer = {o: n for n in _all_nodes(model.graph) for o in n.output}
     inits = {i.name for i in model.graph.initializer}
     name = nodes[node_name].input[1]
     while name not in inits:
@@ -156,7 +170,7 @@ def test_ground_truth_points_at_the_weight(models, variant):
     sm = models[variant]
     model = onnx.load(str(sm.path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    want_n = 2 if variant in ("optimum", "kvcache") else 1
+    want_n = 2 if variant in PAIRS else 1
     assert len(sm.super_weights) == want_n
     assert len({s.row for s in sm.super_weights}) == 1  # a pair shares its row
     assert sm.super_activation_channel == sm.super_weights[0].row
@@ -218,6 +232,9 @@ def test_super_activation_persists(models, runs, variant):
             assert int(np.abs(_flat(r[t[key][layer]])[0]).argmax()) == row, (key, layer)
     assert int(np.abs(_flat(r[t["final_norm"]])[0]).argmax()) == row
     for layer in range(1, sm.config["num_layers"]):
+        if t["residual"][layer] is None:  # genai: the final SkipSimplifiedLayerNormalization has no output 3
+            assert variant == "genai" and layer == sm.config["num_layers"] - 1
+            continue
         res = _flat(r[t["residual"][layer]])
         assert int(np.abs(res[0]).argmax()) == row
         assert abs(res[0, row]) > 30 * _median_chmax(res)
@@ -314,3 +331,171 @@ def test_other_seeds_keep_the_properties(tmp_path, seed):
     assert np.unravel_index(np.abs(y).argmax(), y.shape) == (0, row)
     assert abs(y[0, row]) >= 200 * _median_chmax(y)
     assert sum(x[0, s.col] * s.value for s in sm.super_weights) / y[0, row] > 0.8
+
+
+# ---------------------------------------------------------------------------------------------------
+# Contrib-op variants (CONTRIB_VARIANTS): onnxruntime-genai's builder layout and optimum's merged decoder.
+# They stay out of VARIANTS (the detect / quantize tests iterate over VARIANTS; sw_onnx does not take them yet).
+
+
+def test_contrib_variants_are_kept_apart():
+    assert set(CONTRIB_VARIANTS) == {"genai", "merged"}
+    assert not set(CONTRIB_VARIANTS) & set(VARIANTS) and ALL_VARIANTS == VARIANTS + CONTRIB_VARIANTS
+
+
+@pytest.mark.parametrize("variant", CONTRIB_VARIANTS)
+def test_contrib_variant_runs_in_onnxruntime(models, runs, variant):
+    sm = models[variant]
+    r = runs[variant]
+    assert r["logits"].shape == (1, len(DEFAULT_PROMPT), 256) and np.isfinite(r["logits"]).all()
+    for i in range(4):
+        for kind in ("key", "value"):
+            assert r[f"present.{i}.{kind}"].shape == (1, 4, len(DEFAULT_PROMPT), 16)
+    gt = json.loads((sm.path.parent / "ground_truth.json").read_text())
+    assert gt["variant"] == variant and gt["super_activation_channel"] == sm.super_activation_channel
+    assert [tuple(s["index"]) for s in gt["super_weights"]] == [s.index for s in sm.super_weights]
+    assert [s["initializer"] for s in gt["super_weights"]] == [s.initializer for s in sm.super_weights]
+    assert gt["prompt"][0] == gt["bos_token_id"] == 1
+
+
+def test_contrib_variants_give_the_logits_of_their_plain_twins(runs):
+    """genai shares its weights with gemm (one planted weight), merged with optimum (the pair)."""
+    np.testing.assert_allclose(_flat(runs["genai"]["logits"]), _flat(runs["gemm"]["logits"]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(runs["merged"]["logits"], runs["optimum"]["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(runs["merged"]["present.2.value"], runs["kvcache"]["present.2.value"], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", CONTRIB_VARIANTS)
+def test_contrib_incremental_decoding(models, runs, variant):
+    """A prefix, then the rest with its present.* as past: the logits of the full pass."""
+    sm, split = models[variant], 4
+    r1 = run_sample_model(sm, DEFAULT_PROMPT[:split])
+    past = {f"past_key_values.{i}.{k}": r1[f"present.{i}.{k}"] for i in range(4) for k in ("key", "value")}
+    feeds = make_feeds(sm, DEFAULT_PROMPT[split:], past=past)
+    if variant == "merged":
+        assert feeds["use_cache_branch"].tolist() == [True]
+    else:
+        assert "position_ids" not in feeds and feeds["attention_mask"].shape == (1, len(DEFAULT_PROMPT))
+    r2 = run_sample_model(sm, feeds=feeds)
+    assert r2["present.0.key"].shape == (1, 4, len(DEFAULT_PROMPT), 16)
+    np.testing.assert_allclose(r2["logits"][0], runs[variant]["logits"][0, split:], rtol=1e-4, atol=1e-4)
+
+
+def test_genai_graph_is_the_builders_layout(models):
+    sm = models["genai"]
+    model = onnx.load(str(sm.path), load_external_data=False)
+    assert {(o.domain, o.version) for o in model.opset_import} == {("", 21), ("com.microsoft", 1)}
+    ops = {}
+    for n in model.graph.node:
+        ops[(n.domain, n.op_type)] = ops.get((n.domain, n.op_type), 0) + 1
+    assert ops[("", "SimplifiedLayerNormalization")] == 1
+    assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 2 * 4  # 3 + 4 in layers, 1 final
+    assert ops[("com.microsoft", "GroupQueryAttention")] == 4
+    assert ops[("", "MatMul")] == 4 * 5 + 1  # packed qkv, o, gate, up, down; lm_head
+    assert ops[("", "Sigmoid")] == 4 and ("", "Add") not in ops and ("", "Softmax") not in ops
+    inputs = [i.name for i in model.graph.input]
+    assert inputs == (["input_ids", "attention_mask"] + [f"past_key_values.{i}.key" for i in range(4)]
+                      + [f"past_key_values.{i}.value" for i in range(4)]) == sm.config["input_names"]
+    past = model.graph.input[2].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in past] == ["batch_size", 4, "past_sequence_length", "kv_cache_dim"]
+    assert [o.name for o in model.graph.output][:2] == ["logits", "present.0.key"]
+    nodes = {n.name: n for n in model.graph.node}
+    inits = {i.name: i for i in model.graph.initializer}
+    qkv = nodes["/model/layers.1/attn/qkv_proj/MatMul"]
+    assert list(inits[qkv.input[1]].dims) == [64, 3 * 64]
+    gqa = nodes["/model/layers.1/attn/GroupQueryAttention"]
+    assert gqa.input[0] == qkv.output[0] and list(gqa.input[1:5]) == ["", "", "past_key_values.1.key",
+                                                                      "past_key_values.1.value"]
+    assert list(gqa.output[1:]) == ["present.1.key", "present.1.value"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attrs["num_heads"] == attrs["kv_num_heads"] == 4 and attrs["do_rotary"] == 1
+    assert list(inits["cos_cache"].dims) == [2048, 8]
+    # the residual add lives in SkipSimplifiedLayerNormalization: output 3 of one feeds input 0 of the next
+    post = nodes["/model/layers.1/post_attention_layernorm/SkipLayerNorm"]
+    nxt = nodes["/model/layers.2/input_layernorm/SkipLayerNorm"]
+    assert nxt.input[0] == post.output[3] and nxt.input[1] == "/model/layers.1/mlp/down_proj/MatMul/output_0"
+    assert sm.config["tensors"]["residual"][1] == nxt.output[3]
+    down = nodes["/model/layers.1/mlp/down_proj/MatMul"]
+    assert down.input[1] == sm.super_weights[0].initializer == "model.layers.1.mlp.down_proj.MatMul.weight"
+    # every initializer in model.onnx.data, as the builder writes them
+    assert all(i.data_location == onnx.TensorProto.EXTERNAL for i in inits.values())
+    assert (sm.path.parent / "model.onnx.data").is_file() and not (sm.path.parent / "config.json").exists()
+
+
+def test_genai_config_is_valid(models):
+    sm = models["genai"]
+    cfg = json.loads((sm.path.parent / "genai_config.json").read_text())
+    assert cfg == sm.config["genai_config"]
+    m, dec = cfg["model"], cfg["model"]["decoder"]
+    assert (m["bos_token_id"], m["eos_token_id"], m["pad_token_id"], m["vocab_size"]) == (1, 2, 2, 256)
+    assert m["type"] == "llama" and m["context_length"] == cfg["search"]["max_length"] == 2048
+    assert dec["head_size"] * dec["num_attention_heads"] == dec["hidden_size"] == 64
+    assert dec["num_key_value_heads"] == 4 and dec["num_hidden_layers"] == 4
+    assert (sm.path.parent / dec["filename"]) == sm.path
+    model = onnx.load(str(sm.path), load_external_data=False)
+    ins, outs = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    assert dec["inputs"]["input_ids"] in ins and dec["inputs"]["attention_mask"] in ins
+    assert dec["outputs"]["logits"] == outs[0]
+    for i in range(dec["num_hidden_layers"]):
+        assert dec["inputs"]["past_key_names"] % i in ins and dec["inputs"]["past_value_names"] % i in ins
+        assert dec["outputs"]["present_key_names"] % i in outs and dec["outputs"]["present_value_names"] % i in outs
+    assert cfg["search"]["do_sample"] is False and cfg["search"]["past_present_share_buffer"] is True
+
+
+def test_genai_runs_with_onnxruntime_genai(models):
+    """onnxruntime_genai loads the folder (genai_config.json) and decodes greedily as onnxruntime does."""
+    og = pytest.importorskip("onnxruntime_genai")
+    sm = models["genai"]
+    model = og.Model(str(sm.path.parent))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(DEFAULT_PROMPT) + 4)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray([DEFAULT_PROMPT], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    seq = [int(t) for t in gen.get_sequence(0)]
+    want = list(DEFAULT_PROMPT)
+    while len(want) < len(seq):
+        want.append(int(run_sample_model(sm, want)["logits"][0, -1].argmax()))
+    assert seq == want
+
+
+def test_merged_graph_is_optimums_layout(models, runs):
+    sm = models["merged"]
+    model = onnx.load(str(sm.path))
+    assert [n.op_type for n in model.graph.node] == ["If"] and model.graph.node[0].name == "optimum::if"
+    node = model.graph.node[0]
+    assert list(node.input) == ["use_cache_branch"]
+    inp = {i.name: i for i in model.graph.input}
+    assert inp["use_cache_branch"].type.tensor_type.elem_type == onnx.TensorProto.BOOL
+    assert [i.name for i in model.graph.input][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert "past_key_values.3.value" in inp and list(node.output) == [o.name for o in model.graph.output]
+    branches = {a.name: a.g for a in node.attribute}
+    assert {k: g.name for k, g in branches.items()} == {"then_branch": "with_past", "else_branch": "no_past"}
+    outer = {i.name for i in model.graph.initializer}
+    down = sm.super_weights[0].node
+    for key, g in branches.items():
+        assert len(g.input) == 0 and [o.name for o in g.output] == list(node.output)
+        assert all(len(t.dims) <= 1 and (len(t.dims) == 0 or t.data_type == onnx.TensorProto.INT64)
+                   for t in g.initializer)  # weights are outer-scope
+        nodes = {n.name: n for n in g.node}
+        assert nodes[down].input[1] == sm.super_weights[0].initializer in outer
+        reads_past = any(x.startswith("past_key_values.") for n in g.node for x in n.input)
+        assert reads_past == (key == "then_branch")
+    # both branches agree on a prompt with an empty past
+    feeds = make_feeds(sm)
+    assert feeds["use_cache_branch"].tolist() == [False]
+    feeds["use_cache_branch"] = np.asarray([True])
+    np.testing.assert_allclose(run_sample_model(sm, feeds=feeds)["logits"], runs["merged"]["logits"], atol=1e-5)
+
+
+def test_contrib_variants_deterministic_and_cli(models, tmp_path):
+    for v in CONTRIB_VARIANTS:
+        sm = build_sample_model(v, tmp_path / "again")
+        assert sm.path.read_bytes() == models[v].path.read_bytes()
+        assert sm.super_weights == models[v].super_weights
+    assert (tmp_path / "again" / "genai" / "model.onnx.data").read_bytes() == \
+        (models["genai"].path.parent / "model.onnx.data").read_bytes()
+    assert build_main(["--out", str(tmp_path / "cli"), "--variant", "genai", "--variant", "merged"]) == 0
+    assert (tmp_path / "cli" / "genai" / "genai_config.json").exists()
+    assert (tmp_path / "cli" / "merged" / "config.json").exists()
