@@ -213,46 +213,70 @@ def _is_residual_add(node: ir.Node) -> bool:
     return node.op_type == "Add" and all(i is not None and i.const_value is None for i in node.inputs)
 
 
+# onnxruntime's fused norms that also make the residual sum: output 3 is input + skip (+ bias).
+_SKIP_NORMS = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
+
+
+def _residual_sum(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    """The residual-stream value that `node` makes by adding `value` to another activation: an Add of two
+    activations, or a com.microsoft Skip(Simplified)LayerNormalization reading `value` as its input or skip
+    (its output 3, when the graph has it). None when `node` is no such junction."""
+    if _is_residual_add(node):
+        return node.outputs[0]
+    if node.op_type in _SKIP_NORMS and node.domain == "com.microsoft" and any(
+            i is value for i in node.inputs[:2]) and len(node.outputs) > 3 and node.outputs[3].name:
+        return node.outputs[3]
+    return None
+
+
+def _is_junction(node: ir.Node) -> bool:
+    return _is_residual_add(node) or (node.op_type in _SKIP_NORMS and node.domain == "com.microsoft")
+
+
 def find_residual_chain(layer: LinearLayer) -> tuple[ir.Value | None, list[ir.Value]]:
     """The residual stream around a linear layer's output, found by structure.
 
-    Follows the output through a bias Add, Reshape or Cast to the first Add of two activations (the
-    residual add), then from Add to Add: each residual value is consumed by the next residual Add.
+    Follows the output through a bias Add, Reshape or Cast to the first residual junction (an Add of two
+    activations, or onnxruntime's Skip(Simplified)LayerNormalization, whose output 3 is the sum), then from
+    junction to junction: each residual value is consumed by the next one.
 
     Returns:
         (the stream's value before this layer's contribution, the stream's values after it, in order);
         (None, []) when the output does not enter a residual stream.
     """
     value = layer.output
-    first_add = None
+    junction = None
     for _ in range(4):  # a few pass-through steps at most
         nodes = _uses(value)
-        adds = [n for n in nodes if _is_residual_add(n)]
-        if adds:
-            first_add = adds[0]
+        junctions = [n for n in nodes if _is_junction(n)]
+        if junctions:
+            junction = junctions[0]
             break
         follow = [n for n in nodes if n.op_type in ("Reshape", "Cast", "Identity") or (n.op_type == "Add" and not _is_residual_add(n))]
         if len(nodes) != 1 or not follow:
             return None, []
         value = follow[0].outputs[0]
-    if first_add is None:
+    total = _residual_sum(junction, value) if junction is not None else None
+    if total is None:
         return None, []
-    before = first_add.inputs[1] if first_add.inputs[0] is value else first_add.inputs[0]
-    chain = [first_add.outputs[0]]
-    while (nxt := _next_residual_add(chain[-1])) is not None:
-        chain.append(nxt.outputs[0])
+    before = junction.inputs[1] if junction.inputs[0] is value else junction.inputs[0]
+    chain = [total]
+    while (nxt := _next_residual(chain[-1])) is not None:
+        chain.append(nxt)
     return before, chain
 
 
-def _next_residual_add(value: ir.Value, depth: int = 3) -> ir.Node | None:
-    """The residual Add that consumes `value`, directly or through Cast/Identity/Reshape (exporters add them)."""
+def _next_residual(value: ir.Value, depth: int = 3) -> ir.Value | None:
+    """The residual value made from `value` by the next junction, directly or through Cast/Identity/Reshape
+    (exporters add them)."""
     frontier = [value]
     for _ in range(depth):
         following = []
         for v in frontier:
             for node in _uses(v):
-                if _is_residual_add(node):
-                    return node
+                total = _residual_sum(node, v)
+                if total is not None:
+                    return total
                 if node.op_type in ("Cast", "Identity", "Reshape"):
                     following.append(node.outputs[0])
         frontier = following
