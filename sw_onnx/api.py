@@ -322,7 +322,7 @@ def _input_ranges(run: _Run, model: ir.Model) -> None:
     from sw_onnx.discover import find_linear_layers
 
     if run.ranges is not None and run.config.calib_text is None:
-        widths = {layer.name: layer.k for layer in find_linear_layers(model)[0]}
+        widths = {layer.node_name: layer.k for layer in find_linear_layers(model)[0]}
         for r in run.ranges.values():
             if any(node not in widths or any(not 0 <= c < widths[node] for c in r.channels) for node in r.nodes):
                 raise UsageError(f"--keep {run.config.keep}: its input_ranges name {r.nodes[0]!r}, which is not a "

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from sw_onnx.analyze.flatten import inline_input_branches
 from sw_onnx.analyze.input_stats import InputRange, InputStatsProbe, plan_input_ranges
 from sw_onnx.analyze.instrument import InstrumentLinearStatsPass, stat_output_name
 from sw_onnx.discover import LinearLayer, find_linear_layers, find_residual_chain, require_float_model
@@ -158,6 +159,7 @@ class Detector:
     def __init__(self, model: ir.Model, config: DetectConfig | None = None):
         self.config = config or DetectConfig()
         require_float_model(model)  # AlreadyQuantizedError: QDQ weights, MatMulNBits, QLinear ops
+        inline_input_branches(model)  # a merged decoder's If: the no-past branch, as the feeds select
         self.layers, self.skipped = find_linear_layers(model)
         if not self.layers:
             raise UnsupportedGraphError(

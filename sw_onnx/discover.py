@@ -95,6 +95,8 @@ class LinearLayer:
 
     Attributes:
         position: index in topological order among the graph's linear layers.
+        scope: ``""`` in the main graph; for a layer inside a subgraph the path to it, e.g.
+            ``"optimum::if/then_branch"`` (an If's branches may hold nodes of the same name).
         layer: decoder layer index parsed from names, or None.
     """
 
@@ -104,9 +106,16 @@ class LinearLayer:
     n: int
     position: int
     layer: int | None
+    scope: str = ""
 
     @property
     def name(self) -> str:
+        """Unique among the model's layers: the node's name, qualified by its scope inside a subgraph."""
+        return f"{self.scope}/{self.node_name}" if self.scope else self.node_name
+
+    @property
+    def node_name(self) -> str:
+        """The node's own name (``<op>_<position>`` when unnamed); the same in every branch of an If."""
         return self.node.name or f"{self.node.op_type}_{self.position}"
 
     @property
@@ -172,37 +181,56 @@ def _parse_layer_index(*names: str) -> int | None:
 
 
 def find_linear_layers(model: ir.Model) -> tuple[list[LinearLayer], list[SkippedNode]]:
-    """All MatMul/Gemm nodes of the main graph that multiply activations by a constant 2-D weight.
+    """All MatMul/Gemm nodes that multiply activations by a constant 2-D weight, subgraphs (If/Loop bodies)
+    included: a subgraph's layers follow the node that holds it.
 
     Returns:
         (layers in topological order, MatMul/Gemm nodes that are not linear layers with the reason).
     """
     layers: list[LinearLayer] = []
     skipped: list[SkippedNode] = []
-    for node in model.graph:
+    for node, scope in _nodes_with_scope(model.graph, ""):
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             continue
-        transposed = False
-        if node.op_type == "Gemm":
-            trans_a = node.attributes.get("transA")
-            if trans_a is not None and trans_a.as_int() != 0:
-                skipped.append(SkippedNode(node.name, node.op_type, "Gemm with transA=1"))
-                continue
-            trans_b = node.attributes.get("transB")
-            transposed = trans_b is not None and trans_b.as_int() != 0
-        chain = _trace_weight(node.inputs[1])
-        if isinstance(chain, str):
-            skipped.append(SkippedNode(node.name, node.op_type, chain))
-            continue
-        final_shape = chain.steps[-1][1] if chain.steps else tuple(chain.initializer.const_value.shape.numpy())
-        if len(final_shape) != 2:
-            skipped.append(SkippedNode(node.name, node.op_type, f"weight has rank {len(final_shape)}, not 2"))
-            continue
-        chain.transposed = transposed
-        k, n = (final_shape[1], final_shape[0]) if transposed else final_shape
-        layer = _parse_layer_index(node.name, chain.initializer.name)
-        layers.append(LinearLayer(node, chain, int(k), int(n), len(layers), layer))
+        found = _linear_layer(node, len(layers), scope)
+        if isinstance(found, SkippedNode):
+            skipped.append(found)
+        else:
+            layers.append(found)
     return layers, skipped
+
+
+def _nodes_with_scope(graph: ir.Graph, scope: str):
+    """Every node with the path of the subgraph holding it (``""`` for the main graph), in graph order."""
+    for node in graph:
+        yield node, scope
+        for name, attr in node.attributes.items():
+            if attr.type == ir.AttributeType.GRAPH:
+                inner = f"{scope + '/' if scope else ''}{node.name or node.op_type}/{name}"
+                yield from _nodes_with_scope(attr.as_graph(), inner)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for i, sub in enumerate(attr.as_graphs()):
+                    yield from _nodes_with_scope(sub, f"{scope + '/' if scope else ''}{node.name or node.op_type}/{name}.{i}")
+
+
+def _linear_layer(node: ir.Node, position: int, scope: str) -> LinearLayer | SkippedNode:
+    transposed = False
+    if node.op_type == "Gemm":
+        trans_a = node.attributes.get("transA")
+        if trans_a is not None and trans_a.as_int() != 0:
+            return SkippedNode(node.name, node.op_type, "Gemm with transA=1")
+        trans_b = node.attributes.get("transB")
+        transposed = trans_b is not None and trans_b.as_int() != 0
+    chain = _trace_weight(node.inputs[1])
+    if isinstance(chain, str):
+        return SkippedNode(node.name, node.op_type, chain)
+    final_shape = chain.steps[-1][1] if chain.steps else tuple(chain.initializer.const_value.shape.numpy())
+    if len(final_shape) != 2:
+        return SkippedNode(node.name, node.op_type, f"weight has rank {len(final_shape)}, not 2")
+    chain.transposed = transposed
+    k, n = (final_shape[1], final_shape[0]) if transposed else final_shape
+    layer = _parse_layer_index(node.name, chain.initializer.name)
+    return LinearLayer(node, chain, int(k), int(n), position, layer, scope)
 
 
 def _uses(value: ir.Value) -> list[ir.Node]:

@@ -257,12 +257,16 @@ def _plan_weight_only(layer: LinearLayer, ctx: _Context) -> LayerPlan:
     wrap = config.format == "qdq" and _rank(layer.input, ctx.types) != 3 and (
         bool(plan.side_keep) or (bias is not None and bias.const_value is None)
         or bool(plan.sa_channels) or _feeds_nonconstant_add(layer.output))  # the keep-out side path adds one
-    if config.format == "nbits":
-        plan.form = "nbits"
-        plan.accuracy_level = 4 if own_bits else ctx.accuracy_levels.get(layer.name, 4)
+    # onnxruntime's QDQ -> MatMulNBits fusion cannot reach a branch's outer-scope weights: write MatMulNBits.
+    in_branch = config.format == "qdq" and bool(layer.scope)
+    if config.format == "nbits" or in_branch:
+        plan.form, wrap = "nbits", False
+        plan.accuracy_level = 4 if own_bits else ctx.accuracy_levels.get(layer.node_name, 4)
     else:
         plan.form, plan.lift_3d = ("qdq-3d", True) if wrap else ("qdq", False)
     plan.reason = _describe(plan, wrap) + ("; the lm_head's own bits (lm_head_bits)" if own_bits else "")
+    if in_branch:
+        plan.reason += "; MatMulNBits written directly (inside a subgraph, where onnxruntime does not fuse QDQ)"
     if plan.sa_channels:
         plan.reason += f", super-activation input channels {plan.sa_channels} kept out (float side path)"
     return plan
@@ -271,7 +275,7 @@ def _plan_weight_only(layer: LinearLayer, ctx: _Context) -> LayerPlan:
 def _sa_channels(layer: LinearLayer, ctx: _Context) -> list[int]:
     """The layer's super-activation input channels that the keep-out pass takes out (it skips the lm_head,
     excluded and non-float layers, and channels outside K)."""
-    channels = ctx.channels.get(layer.name, [])
+    channels = ctx.channels.get(layer.node_name, [])  # by the node's own name: both branches of an If
     if not channels or _skip_reason(layer, ctx, lm_head_quantized=False) is not None:
         return []
     if any(not 0 <= c < layer.k for c in channels) or _activation_dtype(layer) not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):

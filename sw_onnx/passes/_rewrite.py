@@ -19,16 +19,18 @@ __all__ = ["GraphBuilder", "codes_tensor", "layers_by_name", "remove_orphans", "
 class GraphBuilder:
     """Makes named initializers and nodes for one graph; `nodes` collects the nodes made, in order.
 
-    Output names: ``output`` when given, else ``"<node name>/out"``.
+    Initializers go to `initializers_graph` (the main graph, also for nodes inside an If branch: outer-scope
+    weights are visible in every branch). Output names: ``output`` when given, else ``"<node name>/out"``.
     """
 
-    def __init__(self, graph: ir.Graph):
+    def __init__(self, graph: ir.Graph, initializers_graph: ir.Graph | None = None):
         self.graph = graph
+        self.initializers_graph = initializers_graph if initializers_graph is not None else graph
         self.nodes: list[ir.Node] = []
 
     def initializer(self, name: str, tensor: ir.TensorProtocol) -> ir.Value:
         value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-        self.graph.register_initializer(value)
+        self.initializers_graph.register_initializer(value)
         return value
 
     def const(self, name: str, array: np.ndarray) -> ir.Value:
@@ -95,17 +97,19 @@ def rewire_output(graph: ir.Graph, old: ir.Value, new: ir.Value, keep_user: ir.N
 
 
 def remove_orphans(graph: ir.Graph, value: ir.Value | None) -> None:
-    """Remove a replaced weight's Cast/Transpose chain and initializer once nothing reads them."""
+    """Remove a replaced weight's Cast/Transpose chain and initializer once nothing reads them (each from the
+    graph that holds it: a branch's nodes, the main graph's initializers)."""
     while value is not None and not value.uses() and not value.is_graph_output():
         producer = value.producer()
         if producer is None:
-            if value.is_initializer() and not value.is_graph_input() and value.name in graph.initializers:
-                graph.initializers.pop(value.name)
+            owner = value.graph if value.graph is not None else graph
+            if value.is_initializer() and not value.is_graph_input() and value.name in owner.initializers:
+                owner.initializers.pop(value.name)
             return
         if any(o.uses() or o.is_graph_output() for o in producer.outputs):
             return
         upstream = producer.inputs[0] if producer.inputs else None
-        graph.remove(producer, safe=True)
+        (producer.graph if producer.graph is not None else graph).remove(producer, safe=True)
         value = upstream
 
 

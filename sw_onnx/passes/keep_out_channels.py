@@ -56,12 +56,13 @@ def _dtype(layer: LinearLayer) -> ir.DataType:
     return ir.DataType.FLOAT
 
 
-def _keep_out(graph: ir.Graph, layer: LinearLayer, p: LayerPlan, shared) -> None:
+def _keep_out(main_graph: ir.Graph, layer: LinearLayer, p: LayerPlan, shared) -> None:
     node, channels = layer.node, p.sa_channels
+    graph = node.graph if node.graph is not None else main_graph
     np_dtype = _NUMPY[_dtype(layer)]
     alpha, _, _ = gemm_parameters(node)
     prefix = f"{layer.name}/sw_onnx_sa_keep_out"
-    b = GraphBuilder(graph)
+    b = GraphBuilder(graph, main_graph)
     x = node.inputs[0]
     key = (id(x), tuple(channels))
     if key not in shared:
@@ -82,7 +83,7 @@ def _keep_out(graph: ir.Graph, layer: LinearLayer, p: LayerPlan, shared) -> None
         prod = b.op("Mul", [col, b.const(f"{prefix}/rows", rows)], f"{prefix}/side_Mul")
         side = b.op("ReduceSum", [prod, b.const(f"{prefix}/sum_axes", np.array([-2], np.int64))], f"{prefix}/side_ReduceSum",
                     {"keepdims": 0})
-    _zero_rows(graph, layer, channels, w, b)
+    _zero_rows(main_graph, layer, channels, w, b)
     node.replace_input_with(0, masked)
     old_out = node.outputs[0]
     total = b.op("Add", [old_out, side], f"{prefix}/Add", output=f"{prefix}/sum")

@@ -65,13 +65,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         layers, planned = layers_by_name(model), self._layers()
         axes0: list[ir.Value] = []  # one shared [0] for every Unsqueeze/Squeeze
+        shared: dict[tuple, tuple[list[ir.Value], set[int]]] = {}  # one quantized weight per initializer and If
         for p in planned:
-            _rewrite_layer(model.graph, layers[p.node], p, axes0)
-        if planned:
-            if self.plan.format == "nbits":
-                model.opset_imports.setdefault(MS_DOMAIN, 1)
-            elif any(p.bits == 4 for p in planned):
-                model.ir_version = max(model.ir_version or 0, INT4_MIN_IR_VERSION)
+            _rewrite_layer(model.graph, layers[p.node], p, axes0, shared)
+        if any(p.form == "nbits" for p in planned):
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        if any(p.form != "nbits" and p.bits == 4 for p in planned):
+            model.ir_version = max(model.ir_version or 0, INT4_MIN_IR_VERSION)
         logger.info("quantized %d of %d linear layers", len(planned), len(self.plan.layers))
         return ir.passes.PassResult(model, modified=bool(planned))
 
@@ -120,17 +120,27 @@ class _LayerQuantizer:
         return {"q": qw.q, "scale": qw.scale, "zp": qw.zero_point}
 
 
-def _rewrite_layer(graph: ir.Graph, layer: LinearLayer, p: LayerPlan, axes0: list[ir.Value]) -> None:
+def _rewrite_layer(main_graph: ir.Graph, layer: LinearLayer, p: LayerPlan, axes0: list[ir.Value], shared: dict) -> None:
     node = layer.node
+    graph = node.graph if node.graph is not None else main_graph  # an If branch's own graph, or the main one
     prefix = f"{layer.name}/sw_onnx_q"
-    if any(name.startswith(prefix + "/") for name in graph.initializers):  # two nodes share a name
+    if any(name.startswith(prefix + "/") for name in main_graph.initializers):  # two nodes share a name
         prefix = f"{layer.name}/sw_onnx_q{layer.position}"
     alpha, beta, bias = gemm_parameters(node)
     lq = _LayerQuantizer(layer, p, alpha)
-    b = GraphBuilder(graph)
+    b = GraphBuilder(graph, main_graph)
     x, old_weight = node.inputs[0], node.inputs[1]
     write = _write_nbits if p.form == "nbits" else _write_qdq
-    main, tensors = write(b, layer, p, lq, prefix, x, axes0)
+    # Layers in different branches of an If that read one initializer share its quantized tensors (quantized
+    # once); within one graph each reader gets its own copy, which onnxruntime's fusion needs.
+    key = (p.initializer, p.bits, p.block_size, p.symmetric, p.clip, p.zscore, p.form, alpha, tuple(p.side_keep))
+    reuse = shared.get(key) if id(graph) not in shared.get(key, ((), set()))[1] else None
+    main, tensors = write(b, layer, p, lq, prefix, x, axes0, reuse[0] if reuse else None)
+    if reuse:
+        reuse[1].add(id(graph))
+        p.reason += f"; shares the quantized weight of {p.initializer} with another branch"
+    else:
+        shared[key] = (list(tensors), {id(graph)})
     if bias is not None:
         if beta != 1.0:
             scaled = np.asarray(bias.const_value.numpy(), dtype=np.float64) * beta
@@ -138,55 +148,61 @@ def _rewrite_layer(graph: ir.Graph, layer: LinearLayer, p: LayerPlan, axes0: lis
             tensors.append(bias)
         main = b.op("Add", [main, bias], f"{prefix}/AddBias", output=f"{prefix}/biased")
     if p.side_keep:
-        start = len(graph.initializers)
+        start = len(main_graph.initializers)
         main = side_path(b, x, main, p.side_keep, layer.n, _SCALE_NUMPY[ir.DataType(p.compute_dtype)], prefix,
                          names=(f"{prefix}/keep_out/inputs", f"{prefix}/keep_out/contribution", f"{prefix}/keep_out/sum"))
-        tensors += list(graph.initializers.values())[start:]
+        tensors += list(main_graph.initializers.values())[start:]
     replace_output(graph, node, b.nodes, main)
-    p.quantized_bytes = sum(tensor_bytes(v.const_value) for v in tensors)
-    remove_orphans(graph, old_weight)
+    p.quantized_bytes = sum(tensor_bytes(v.const_value) for v in tensors) if not reuse else 0
+    remove_orphans(main_graph, old_weight)
 
 
 def _write_qdq(b: GraphBuilder, layer: LinearLayer, p: LayerPlan, lq: _LayerQuantizer, prefix: str, x: ir.Value,
-               axes0: list[ir.Value]) -> tuple[ir.Value, list[ir.Value]]:
+               axes0: list[ir.Value], weights: list[ir.Value] | None) -> tuple[ir.Value, list[ir.Value]]:
     """``MatMul(x, DequantizeLinear(codes, scale[, zero point]))``, lifted to 3-D for form ``qdq-3d``."""
     k, n, asym = layer.k, layer.n, not p.symmetric
     per_channel = p.block_size == PER_CHANNEL
     shape = (n,) if per_channel else (-(-k // kernel_block_size(p.block_size, k, p.form)), n)
     dtype = ir.DataType(p.compute_dtype)
     code_type = _CODE_TYPES[(p.bits, asym)]
-    tensors = [b.lazy(f"{prefix}/weight", code_type, (k, n), lambda: codes_tensor(lq.get("q"), code_type)),
-               b.lazy(f"{prefix}/scale", dtype, shape, lambda: ir.Tensor(lq.get("scale").astype(_SCALE_NUMPY[dtype])))]
-    if asym:
-        zp_type = ir.DataType.UINT4 if p.bits == 4 else ir.DataType.UINT8
-        tensors.append(b.lazy(f"{prefix}/zero_point", zp_type, shape, lambda: codes_tensor(lq.get("zp"), zp_type)))
+    if weights is not None:
+        tensors = list(weights)
+    else:
+        tensors = [b.lazy(f"{prefix}/weight", code_type, (k, n), lambda: codes_tensor(lq.get("q"), code_type)),
+                   b.lazy(f"{prefix}/scale", dtype, shape, lambda: ir.Tensor(lq.get("scale").astype(_SCALE_NUMPY[dtype])))]
+        if asym:
+            zp_type = ir.DataType.UINT4 if p.bits == 4 else ir.DataType.UINT8
+            tensors.append(b.lazy(f"{prefix}/zero_point", zp_type, shape, lambda: codes_tensor(lq.get("zp"), zp_type)))
     attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": kernel_block_size(p.block_size, k, p.form)}
     weight = b.op("DequantizeLinear", tensors, f"{prefix}/DequantizeLinear", attrs, output=f"{prefix}/weight_dequantized")
     a = x
     if p.lift_3d:
         a = b.op("Unsqueeze", [x, _axes0(b, axes0)], f"{prefix}/Unsqueeze", output=f"{prefix}/input_3d")
-    main = b.op("MatMul", [a, weight], layer.name, output=f"{prefix}/matmul_output")
-    p.quantized_node = layer.name
+    main = b.op("MatMul", [a, weight], layer.node_name, output=f"{prefix}/matmul_output")
+    p.quantized_node = layer.node_name
     if p.lift_3d:
         main = b.op("Squeeze", [main, _axes0(b, axes0)], f"{prefix}/Squeeze", output=f"{prefix}/matmul_output_2d")
     return main, tensors
 
 
 def _write_nbits(b: GraphBuilder, layer: LinearLayer, p: LayerPlan, lq: _LayerQuantizer, prefix: str, x: ir.Value,
-                 axes0: list[ir.Value]) -> tuple[ir.Value, list[ir.Value]]:
+                 axes0: list[ir.Value], weights: list[ir.Value] | None) -> tuple[ir.Value, list[ir.Value]]:
     """``com.microsoft::MatMulNBits(x, B, scales[, zero_points])``."""
     k, n = layer.k, layer.n
     bs = kernel_block_size(p.block_size, k, p.form)
     nblocks = -(-k // bs)
     dtype = ir.DataType(p.compute_dtype)
-    tensors = [b.lazy(f"{prefix}/B", ir.DataType.UINT8, (n, nblocks, bs * p.bits // 8), lambda: ir.Tensor(lq.get("B"))),
-               b.lazy(f"{prefix}/scales", dtype, (n, nblocks), lambda: ir.Tensor(lq.get("scales").astype(_SCALE_NUMPY[dtype])))]
-    if not p.symmetric:
-        zp_cols = -(-nblocks // 2) if p.bits == 4 else nblocks
-        tensors.append(b.lazy(f"{prefix}/zero_points", ir.DataType.UINT8, (n, zp_cols), lambda: ir.Tensor(lq.get("zp"))))
+    if weights is not None:
+        tensors = list(weights)
+    else:
+        tensors = [b.lazy(f"{prefix}/B", ir.DataType.UINT8, (n, nblocks, bs * p.bits // 8), lambda: ir.Tensor(lq.get("B"))),
+                   b.lazy(f"{prefix}/scales", dtype, (n, nblocks), lambda: ir.Tensor(lq.get("scales").astype(_SCALE_NUMPY[dtype])))]
+        if not p.symmetric:
+            zp_cols = -(-nblocks // 2) if p.bits == 4 else nblocks
+            tensors.append(b.lazy(f"{prefix}/zero_points", ir.DataType.UINT8, (n, zp_cols), lambda: ir.Tensor(lq.get("zp"))))
     attrs = {"K": k, "N": n, "bits": p.bits, "block_size": bs, "accuracy_level": p.accuracy_level}
-    main = b.op("MatMulNBits", [x, *tensors], layer.name, attrs, output=f"{prefix}/matmulnbits_output", domain=MS_DOMAIN)
-    p.quantized_node = layer.name
+    main = b.op("MatMulNBits", [x, *tensors], layer.node_name, attrs, output=f"{prefix}/matmulnbits_output", domain=MS_DOMAIN)
+    p.quantized_node = layer.node_name
     return main, tensors
 
 

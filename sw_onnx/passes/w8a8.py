@@ -76,11 +76,12 @@ def _replaced_input(b: GraphBuilder, x: ir.Value, a: ActivationPlan, k: int, sca
     return b.op("Sub", [x, scatter], f"{tag}/sa_replaced"), delta
 
 
-def _rewrite(graph: ir.Graph, layer: LinearLayer, p: LayerPlan, shared) -> None:
+def _rewrite(main_graph: ir.Graph, layer: LinearLayer, p: LayerPlan, shared) -> None:
     node, a = layer.node, p.activation
+    graph = node.graph if node.graph is not None else main_graph
     alpha, beta, bias = gemm_parameters(node)
     prefix = f"{layer.name}/sw_onnx_w8a8"
-    b = GraphBuilder(graph)
+    b = GraphBuilder(graph, main_graph)
     x = node.inputs[0]
     w = layer.weight.effective_weight()
     if alpha != 1.0:
@@ -89,7 +90,7 @@ def _rewrite(graph: ir.Graph, layer: LinearLayer, p: LayerPlan, shared) -> None:
                             keep_out=[(k, n) for k, n, _ in p.side_keep] or None)
     del w
     scale = np.float32(a.range / _INT8_MAX) if a.range > 0 else np.float32(1.0)
-    key = f"{x.name}|{bool(a.channels)}"
+    key = f"{id(graph)}|{x.name}|{bool(a.channels)}"
     if key not in shared:  # the replacement is computed once per input value
         shared[key] = _replaced_input(b, x, a, layer.k, scale, prefix)
     x_r, delta = shared[key]
@@ -106,7 +107,7 @@ def _rewrite(graph: ir.Graph, layer: LinearLayer, p: LayerPlan, shared) -> None:
     if qw.zero_point is not None:
         tensors.append(b.const(f"{prefix}/weight_zero_point", qw.zero_point[0]))
     wd = b.op("DequantizeLinear", tensors, f"{prefix}/weight_DequantizeLinear", {"axis": 1})
-    y = b.op("MatMul", [xd, wd], layer.name, output=f"{prefix}/matmul_output")
+    y = b.op("MatMul", [xd, wd], layer.node_name, output=f"{prefix}/matmul_output")
     if p.lift_3d:
         y = b.op("Squeeze", [y, axes0], f"{prefix}/output_2d")
     if bias is not None:
@@ -120,6 +121,6 @@ def _rewrite(graph: ir.Graph, layer: LinearLayer, p: LayerPlan, shared) -> None:
         y = side_path(b, x, y, p.side_keep, layer.n, np.float32, prefix)
     old_weight = node.inputs[1]
     replace_output(graph, node, b.nodes, y)
-    remove_orphans(graph, old_weight)
-    p.quantized_node = layer.name
+    remove_orphans(main_graph, old_weight)
+    p.quantized_node = layer.node_name
     p.quantized_bytes = int(qw.q.nbytes + qw.scale.nbytes + (qw.zero_point.nbytes if qw.zero_point is not None else 0))
