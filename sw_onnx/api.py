@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # heavy imports stay out of `sw-onnx --help`
 __all__ = ["AblateResult", "QuantizeSummary", "ablate_model", "default_output_path", "detect_model", "quantize_model"]
 
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+_AHEAD_BUDGET_BYTES = 256 << 20  # quantized tensors held for the rewrite at most (bounded for large models)
 # Files of an export folder that describe the model rather than hold it: copied beside an ablated model
 # written to another folder, so that eval/generate find its tokenizer and EOS there.
 SIDECAR_FILES = (
@@ -182,9 +183,10 @@ def quantize_model(
     """Quantize the model at `input_path` and write it to `output_path` (default: `default_output_path`).
 
     Args:
-        input_path: an .onnx file or an export folder holding model.onnx.
+        input_path: an .onnx file, an export folder holding model.onnx, or an onnxruntime-genai folder
+            (genai_config.json beside the model: the output is then a complete genai folder).
         output_path: the .onnx to write (its weights go to ``<output>.data`` when the input used external
-            data or the output would pass 1.8 GB).
+            data or the output would pass 1.8 GB); for a genai folder, the folder to write.
         config: settings (default `QuantizeConfig()`).
         progress: called with a short message at each step.
 
@@ -195,6 +197,9 @@ def quantize_model(
         VerificationError: the written model failed verification; nothing was published. The summary is
             attached as ``error.summary``.
     """
+    genai = _genai_config(input_path)
+    if genai is not None:
+        return _quantize_genai_folder(genai, output_path, config or QuantizeConfig(), progress)
     run = _start(input_path, output_path, config or QuantizeConfig(), progress)
     with staging_path(run.out) as tmp:
         plan, summary = _write_quantized(run, tmp)
@@ -209,15 +214,31 @@ def quantize_model(
 
 
 def _write_quantized(run: _Run, tmp: Path) -> tuple[QuantPlan, QuantizeSummary]:
-    """Load, analyze, plan, rewrite and save to `tmp`; the model is released when this returns."""
+    """Load, analyze, plan, rewrite and save to `tmp`; the model is released when this returns.
+
+    The analysis works on a copy taken before the opset upgrade (it runs the model as it is), while a thread
+    already quantizes the layers the analysis cannot change (`quantize_ahead`): onnxruntime releases the
+    GIL, so on two cores the kernels' work overlaps the analysis' sessions.
+    """
     from sw_onnx.io import save_model, stores_weights_externally
+    from sw_onnx.plan import build_quant_plan
 
     model = _load(run)
     t0 = time.perf_counter()
-    _analyze(run, model)
+    pristine = model.clone()
+    types = _upgrade_opset(run, model)
+    ahead, stop, worker = _quantize_ahead(run, model, types)
+    try:
+        _analyze(run, model, pristine)
+    finally:
+        stop.set()
+        if worker is not None:
+            worker.join()
+    del pristine
     t1 = time.perf_counter()
-    plan = _plan(run, model)
-    _rewrite(run, model, plan)
+    plan = build_quant_plan(model, run.config, keep=run.keep, ranges=run.ranges,
+                            accuracy_levels=run.accuracy_levels, types=types)
+    _rewrite(run, model, plan, ahead)
     summary = _summary(run, model, plan)
     summary.seconds["detect"] = t1 - t0
     estimated = sum(p.quantized_bytes for p in plan.quantized) + _unquantized_bytes(model)
@@ -226,6 +247,76 @@ def _write_quantized(run: _Run, tmp: Path) -> tuple[QuantPlan, QuantizeSummary]:
     save_model(model, tmp, external_data=summary.external_data)
     summary.seconds["rewrite_and_save"] = time.perf_counter() - t1
     return plan, summary
+
+
+def _quantize_ahead(run: _Run, model: ir.Model, types):
+    """Start quantizing, on a thread, the layers of a plan made without the analysis (weight-only formats)."""
+    import threading
+
+    from sw_onnx.passes.quantize_weights import QuantizedParts, quantize_ahead
+    from sw_onnx.plan import build_quant_plan
+
+    ahead, stop = QuantizedParts(), threading.Event()
+    if run.config.activations != "none":
+        return None, stop, None
+    provisional = build_quant_plan(model, run.config, types=types)
+    worker = threading.Thread(target=quantize_ahead, args=(model, provisional, ahead),
+                              kwargs={"budget_bytes": _AHEAD_BUDGET_BYTES, "stop": stop}, name="sw-onnx-ahead", daemon=True)
+    worker.start()
+    return ahead, stop, worker
+
+
+def _genai_config(input_path):
+    from sw_onnx.genai import find_config, read_config
+
+    path = Path(input_path)
+    config_path = find_config(path) if path.is_dir() else None
+    return read_config(config_path) if config_path is not None else None
+
+
+def default_output_folder(folder: Path, config: QuantizeConfig) -> Path:
+    """``<folder>-<kind>`` beside an onnxruntime-genai folder, e.g. ``smollm2-genai-uint4-b32``."""
+    kind = default_output_path(folder / "model.onnx", config).name[len("model."):-len(".onnx")]
+    return folder.resolve().with_name(f"{folder.resolve().name}-{kind}")
+
+
+def _quantize_genai_folder(genai, output_path, config: QuantizeConfig, progress) -> QuantizeSummary:
+    """An onnxruntime-genai folder in, a complete one out: the decoder quantized (and verified) as a file
+    in a staging folder beside the target, the config (file name) and tokenizer files beside it, one short
+    generation through onnxruntime-genai when installed, then the folder renamed into place."""
+    from dataclasses import replace
+
+    from sw_onnx.genai import copy_folder_files, write_config
+    from sw_onnx.outputs import check_output_folder, external_files, publish_folder, staging_folder
+
+    folder = genai.path.parent
+    out = Path(output_path) if output_path is not None else default_output_folder(folder, config)
+    check_output_folder(folder, out, force=config.force)
+    with staging_folder(out) as staging:
+        summary = quantize_model(genai.filename, staging / genai.filename.name, replace(config, force=False), progress)
+        skip = {genai.filename.name, "genai_config.json"} | {p.name for p in external_files(genai.filename)}
+        copy_folder_files(folder, staging, skip)
+        write_config(genai, staging, genai.filename.name)
+        if config.verify:
+            _verify_genai(staging, summary, progress)
+        publish_folder(staging, out)
+    summary.input_path, summary.output_path = str(folder), str(out)
+    return summary
+
+
+def _verify_genai(staging: Path, summary: QuantizeSummary, progress) -> None:
+    from sw_onnx.genai import generate_check
+    from sw_onnx.inputs import prompt_token_ids
+
+    (progress or (lambda message: None))("verifying: one greedy generation through onnxruntime-genai")
+    ids, _ = prompt_token_ids(staging)
+    check = generate_check(staging, [int(t) for t in ids])
+    summary.verification = {**(summary.verification or {}), "genai": check}
+    if not check["ran"] and "not installed" not in (check["error"] or ""):
+        error = VerificationError(f"onnxruntime-genai cannot run the quantized folder: {check['error']}",
+                                  hint="rerun with --no-verify to keep the unverified folder")
+        error.summary = summary  # type: ignore[attr-defined]
+        raise error
 
 
 def _start(input_path, output_path, config: QuantizeConfig, progress) -> _Run:
@@ -253,16 +344,17 @@ def _load(run: _Run) -> ir.Model:
     return model
 
 
-def _analyze(run: _Run, model: ir.Model) -> None:
+def _analyze(run: _Run, model: ir.Model, pristine: ir.Model) -> None:
     """The facts the plan needs: super weights to keep, input ranges and super-activation channels,
-    accuracy levels (nbits), and the original's logits for verification."""
+    accuracy levels (nbits), and the original's logits for verification. Sessions run on clones of
+    `pristine` (the model as loaded: instrumentation changes what it is given)."""
     from sw_onnx.coordinates import validate_coordinates
 
     config = run.config
     first_pass = None
     if config.keep == "auto":
         run.say("detecting super weights (keep=auto)")
-        first_pass = _detect_for_keep(run, model)
+        first_pass = _detect_for_keep(run, pristine)
     elif config.keep != "none":
         _read_keep_report(run, Path(config.keep))
     values = [r.get("value") for r in run.keep_records] if config.keep not in ("auto", "none") else None
@@ -270,9 +362,9 @@ def _analyze(run: _Run, model: ir.Model) -> None:
                                     f"--keep {config.keep}", values=values)
     if config.format == "nbits":
         run.say("measuring layer inputs for accuracy_level (nbits)")
-        run.accuracy_levels = _accuracy_levels(run, model, first_pass)
+        run.accuracy_levels = _accuracy_levels(run, pristine, first_pass)
     if config.activations != "none" or config.sa_keep_out:
-        _input_ranges(run, model)
+        _input_ranges(run, model, pristine)
 
 
 def _detect_for_keep(run: _Run, model: ir.Model):
@@ -280,7 +372,8 @@ def _detect_for_keep(run: _Run, model: ir.Model):
     from sw_onnx.detect import DetectConfig, detect
 
     providers = list(run.config.providers) if run.config.providers else None
-    result = detect(model.clone(), run.token_ids, DetectConfig(providers=providers))
+    # The copy is instrumented in place: a later calibration (--calib-text) needs a clean one.
+    result = detect(model.clone() if run.config.calib_text else model, run.token_ids, DetectConfig(providers=providers))
     run.keep_records = [{"node": sw.node, "initializer": sw.initializer, "index": [int(i) for i in sw.index],
                          "row": sw.row, "col": sw.col, "value": sw.value} for sw in result.super_weights]
     run.ranges, run.reference_logits = result.input_ranges, result.reference_logits
@@ -316,7 +409,7 @@ def _accuracy_levels(run: _Run, model: ir.Model, detected) -> dict[str, int]:
                            kept_nodes=[r.get("node") for r in run.keep_records])
 
 
-def _input_ranges(run: _Run, model: ir.Model) -> None:
+def _input_ranges(run: _Run, model: ir.Model, pristine: ir.Model) -> None:
     """Detection's input ranges (checked against the model), or a calibration run on a clone."""
     from sw_onnx.analyze.input_stats import calibrate_for_quantize
     from sw_onnx.discover import find_linear_layers
@@ -331,15 +424,15 @@ def _input_ranges(run: _Run, model: ir.Model) -> None:
         return
     run.say("calibrating linear-layer inputs (super-activation entries, activation ranges)")
     run.ranges = calibrate_for_quantize(run.src, run.token_ids, calib_text=run.config.calib_text,
-                                        providers=run.config.providers, model=model.clone())
+                                        providers=run.config.providers, model=pristine.clone())
 
 
-def _plan(run: _Run, model: ir.Model) -> QuantPlan:
-    """Raise the opset for QDQ, then decide every layer (`build_quant_plan`)."""
+def _upgrade_opset(run: _Run, model: ir.Model):
+    """Raise the opset for QDQ; returns the activations' shape-inference hints when the bump left a
+    weight-less copy to infer them from (else None: the planner infers them if it needs them)."""
     import onnx_ir as ir
 
     from sw_onnx.passes.opset import QDQ_MIN_OPSET, UpgradeOpsetPass
-    from sw_onnx.plan import build_quant_plan
     from sw_onnx.shapes import value_types
 
     from_opset, method, structure = model.opset_imports.get("", None), "unchanged", None
@@ -352,14 +445,10 @@ def _plan(run: _Run, model: ir.Model) -> QuantPlan:
         if method != "unchanged":
             run.say(f"opset {from_opset} -> {QDQ_MIN_OPSET} ({method})")
     run.opset = {"from": from_opset, "to": model.opset_imports.get(""), "method": method}
-    types = None
-    if structure is not None:  # the bump's weight-less copy spares serializing the graph again
-        types = value_types(model, structure)
-    return build_quant_plan(model, run.config, keep=run.keep, ranges=run.ranges,
-                            accuracy_levels=run.accuracy_levels, types=types)
+    return value_types(model, structure) if structure is not None else None
 
 
-def _rewrite(run: _Run, model: ir.Model, plan: QuantPlan) -> None:
+def _rewrite(run: _Run, model: ir.Model, plan: QuantPlan, ahead) -> None:
     """The passes, in order: channel keep-out, then the weights (or W8A8); each reads only the plan."""
     import onnx_ir as ir
 
@@ -370,7 +459,7 @@ def _rewrite(run: _Run, model: ir.Model, plan: QuantPlan) -> None:
     if not plan.quantized:
         reasons = sorted({p.reason for p in plan.layers}) or ["no linear layer found"]
         raise UnsupportedGraphError(f"nothing to quantize: {'; '.join(reasons)[:300]}", hint="check --exclude and --lm-head")
-    weights = QuantizeW8A8Pass(plan) if run.config.activations == "int8" else QuantizeWeightsPass(plan)
+    weights = QuantizeW8A8Pass(plan) if run.config.activations == "int8" else QuantizeWeightsPass(plan, ahead)
     ir.passes.Sequential(KeepOutActivationChannelsPass(plan), weights)(model)
 
 

@@ -153,3 +153,28 @@ def copy_folder_files(src_folder: Path, dst_folder: Path, skip: set[str]) -> lis
         shutil.copy2(entry, dst_folder / entry.name)
         copied.append(entry.name)
     return copied
+
+
+def generate_check(folder: Path, prompt_ids: list[int], new_tokens: int = 8) -> dict:
+    """One short greedy generation with onnxruntime-genai (`og.Model` + `og.Generator`) on `folder`.
+
+    Returns ``{"ran": bool, "new_tokens": [...], "error": str | None}``; ``ran`` is False with the reason when
+    onnxruntime-genai is not installed (the optional ``genai`` extra) or fails on the folder.
+    """
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return {"ran": False, "new_tokens": [], "error": "onnxruntime-genai is not installed (extra: genai)"}
+    try:
+        model = og.Model(str(folder))
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt_ids) + new_tokens)
+        generator = og.Generator(model, params)
+        generator.append_tokens([int(t) for t in prompt_ids])
+        produced = []
+        while not generator.is_done() and len(produced) < new_tokens:
+            generator.generate_next_token()
+            produced.append(int(generator.get_next_tokens()[0]))
+        return {"ran": True, "new_tokens": produced, "error": None}
+    except Exception as e:  # onnxruntime-genai raises its own types
+        return {"ran": False, "new_tokens": [], "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}

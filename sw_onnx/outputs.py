@@ -15,7 +15,8 @@ from pathlib import Path
 
 from sw_onnx.errors import UsageError
 
-__all__ = ["check_output", "data_path", "file_bytes", "publish_model", "staging_path"]
+__all__ = ["check_output", "check_output_folder", "data_path", "external_files", "file_bytes", "publish_folder",
+           "publish_model", "staging_folder", "staging_path"]
 
 
 def data_path(out: Path) -> Path:
@@ -57,6 +58,11 @@ def check_output(src: Path, out: Path, *, force: bool = False) -> None:
                              hint="choose another output name")
 
 
+def external_files(src: Path) -> set[Path]:
+    """The external-data files the model at `src` names (resolved paths; read without loading the data)."""
+    return _external_locations(src)
+
+
 def _external_locations(src: Path) -> set[Path]:
     import onnx
 
@@ -95,3 +101,45 @@ def publish_model(tmp: Path, out: Path) -> None:
     publish(([(tmp_data, data_path(out))] if external else []) + [(tmp, out)])
     if not external and data_path(out).exists():
         data_path(out).unlink()
+
+
+def check_output_folder(src_folder: Path, out: Path, *, force: bool = False) -> None:
+    """Refuse an output folder that is the input folder or inside it (or holds it), a file, a folder in no
+    folder, or a non-empty existing folder without `force`."""
+    src, target = src_folder.resolve(), out.resolve()
+    if target == src or src in target.parents or target in src.parents:
+        raise UsageError(f"-o {out}: would write into the input folder {src_folder}", hint="choose a folder beside it")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out}: is a file; a genai model is written as a folder", hint="name a new folder")
+    if not out.parent.is_dir():
+        raise UsageError(f"-o {out}: folder {out.parent} does not exist", hint="create it, or write somewhere else")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(f"{out} already exists and is not empty", hint="pass --force to replace it")
+
+
+@contextmanager
+def staging_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to fill before `publish_folder`; removed afterwards if still there."""
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp_dir
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def publish_folder(staging: Path, out: Path) -> None:
+    """Rename the filled staging folder to `out`; a previous `out` (``--force``) is moved aside first and
+    removed only once the new one is in place."""
+    previous = None
+    if out.exists():
+        previous = out.with_name(f".{out.name}.previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        out.rename(previous)
+    try:
+        staging.rename(out)
+    except OSError:
+        if previous is not None:
+            previous.rename(out)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
