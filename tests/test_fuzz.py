@@ -111,8 +111,8 @@ def test_mutated_models_load_or_fail_cleanly(tmp_path, monkeypatch, external, la
     if lazy:
         import sw_onnx.io
 
-        monkeypatch.setattr(sw_onnx.io, "_LAZY_INLINE_MIN_FILE_BYTES", 0)
-        monkeypatch.setattr(sw_onnx.io, "_LAZY_INLINE_MIN_TENSOR_BYTES", 0)
+        monkeypatch.setattr(sw_onnx.io.load, "_LAZY_INLINE_MIN_FILE_BYTES", 0)
+        monkeypatch.setattr(sw_onnx.io.load, "_LAZY_INLINE_MIN_TENSOR_BYTES", 0)
     seed_dir = tmp_path / "seed"
     seed_dir.mkdir()
     original = _tiny_decoder(seed_dir / "model.onnx", external=external)

@@ -390,8 +390,6 @@ def test_disk_full_while_writing_leaves_no_partial_output_and_the_previous_file(
 
 
 def test_disk_full_while_writing_the_json_report(external_sample, tmp_path, monkeypatch, capsys):
-    import sw_onnx.io as swio
-
     report = tmp_path / "r.json"
     report.write_text("previous report")
     real_fdopen = os.fdopen
@@ -410,7 +408,7 @@ def test_disk_full_while_writing_the_json_report(external_sample, tmp_path, monk
             self.f.write(text[: len(text) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(swio.os, "fdopen", lambda fd, *a, **k: Full(real_fdopen(fd, *a, **k)))
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: Full(real_fdopen(fd, *a, **k)))
     code, err = _main(["detect", external_sample, "--json", report], capsys)
     assert code == 4 and "No space left on device" in _one_error_line(err)
     assert report.read_text() == "previous report" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
@@ -418,8 +416,6 @@ def test_disk_full_while_writing_the_json_report(external_sample, tmp_path, monk
 
 def test_permission_denied_when_publishing_restores_the_previous_output(external_sample, tmp_path, monkeypatch, capsys):
     """The weights file is renamed into place, then the .onnx rename fails: both previous files come back."""
-    import sw_onnx.io as swio
-
     out = tmp_path / "q.onnx"
     out.write_bytes(b"previous model")
     (tmp_path / "q.onnx.data").write_bytes(b"previous weights")
@@ -430,7 +426,7 @@ def test_permission_denied_when_publishing_restores_the_previous_output(external
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(swio.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     code, err = _main(["quantize", external_sample, "-o", out, "--force", "--keep", "none", "--no-verify"], capsys)
     line = _one_error_line(err)
     assert code == 4 and "Permission denied" in line and "writable folder" in line, err
@@ -504,7 +500,7 @@ def test_streamed_weights_give_the_same_outputs(external_sample, tmp_path, monke
     from sample_models import make_feeds
     from sw_onnx.io import StreamingSession, create_session, load_model
 
-    monkeypatch.setattr(swio, "_STREAM_MIN_BYTES", 0)  # the sample's weights are small
+    monkeypatch.setattr(swio.session, "_STREAM_MIN_BYTES", 0)  # the sample's weights are small
     plain = create_session(load_model(external_sample))
     streamed = create_session(load_model(external_sample), stream_weights=True)
     assert isinstance(streamed, StreamingSession) and len(streamed._weights) > 10

@@ -22,8 +22,8 @@ from sw_onnx.wire import inline_as_external, write_model
 @pytest.fixture
 def mapped_inline(monkeypatch):
     """Make the loader map the inline weights of any model, however small (real models: >= 8 MiB)."""
-    monkeypatch.setattr(sw_onnx.io, "_LAZY_INLINE_MIN_FILE_BYTES", 0)
-    monkeypatch.setattr(sw_onnx.io, "_LAZY_INLINE_MIN_TENSOR_BYTES", 64)
+    monkeypatch.setattr(sw_onnx.io.load, "_LAZY_INLINE_MIN_FILE_BYTES", 0)
+    monkeypatch.setattr(sw_onnx.io.load, "_LAZY_INLINE_MIN_TENSOR_BYTES", 64)
 
 
 def _model_with_mixed_tensors(path) -> onnx.ModelProto:
@@ -137,8 +137,8 @@ def test_quantize_output_is_the_same_with_mapped_inline_weights(tmp_path, monkey
     sample = build_sample_model(variant, tmp_path)
     config = QuantizeConfig(force=True)
     quantize_model(sample.path, tmp_path / "plain.onnx", config)
-    monkeypatch.setattr(sw_onnx.io, "_LAZY_INLINE_MIN_FILE_BYTES", 0)
-    monkeypatch.setattr(sw_onnx.io, "_LAZY_INLINE_MIN_TENSOR_BYTES", 64)
+    monkeypatch.setattr(sw_onnx.io.load, "_LAZY_INLINE_MIN_FILE_BYTES", 0)
+    monkeypatch.setattr(sw_onnx.io.load, "_LAZY_INLINE_MIN_TENSOR_BYTES", 64)
     assert any(type(v.const_value).__name__ == "_MappedInline" for v in load_model(sample.path).graph.initializers.values())
     summary = quantize_model(sample.path, tmp_path / "mapped.onnx", config)
     assert summary.verification["passed"] and not summary.external_data

@@ -1,4 +1,5 @@
-"""The one place that loads and saves models, and turns an in-memory model into an onnxruntime session.
+"""Loading a model: find the .onnx a user means, parse it with its weights left lazy, and refuse what sw-onnx
+should not touch.
 
 Loading refuses, with a `ModelLoadError` / `UnsupportedGraphError`, anything sw-onnx should not touch: a path
 that is not a regular file, an empty or non-ONNX file (GGUF, PNG, zip, safetensors... are named), a protobuf
@@ -9,44 +10,32 @@ graph, subgraphs, node attributes, functions) must name a relative location with
 (symlinks resolved) stays inside the model's folder, a regular file with one hard link, and an
 ``offset + length`` within that file. Inline tensors must hold as many bytes as their shape says.
 
-Weights stay lazy: `onnx_ir.load` memory-maps external data, and sessions receive large initializers as
-in-memory OrtValues (`add_external_initializers`) instead of a second serialized copy.
-
-Writing is atomic: files are written under a temporary name in the target's folder and renamed into place
-only when complete (`publish`); a failure (disk full, permission) leaves no partial output and the previous
-file at that path untouched, and is raised as `OutputWriteError`.
+Weights stay lazy: `onnx_ir.load` memory-maps external data (`_MappedOnDemand`: each read maps just that
+tensor, afresh), and large inline models have their weights mapped from the .onnx file itself
+(`_MappedInline`).
 """
 
 from __future__ import annotations
 
-import collections
-import errno
-import functools
 import logging
-import math
 import os
-import shutil
 import stat
-import sys
-import tempfile
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from sw_onnx.errors import ModelLoadError, OutputWriteError, SwOnnxError, UnsafeModelError, UnsupportedGraphError
+from sw_onnx.errors import ModelLoadError, SwOnnxError, UnsafeModelError, UnsupportedGraphError
+from sw_onnx.io._util import nbytes, one_line
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sw_onnx.io")
 
 MODEL_FILE_NAMES = ("model.onnx", "decoder_model.onnx", "model_quantized.onnx")
 MIN_OPSET = 7
 """Oldest default-domain opset accepted (onnxruntime's own minimum)."""
-# Initializers at least this large go to onnxruntime as in-memory OrtValues rather than protobuf bytes.
-_IN_MEMORY_THRESHOLD_BYTES = 1024
-_IN_MEMORY_LOCATION = "sw-onnx-in-memory.bin"  # never read: onnxruntime gets these bytes from memory
 # Inline models at least this large are read lazily (`sw_onnx.wire.inline_as_external`): their tensors of at
 # least _LAZY_INLINE_MIN_TENSOR_BYTES are mapped from the file instead of parsed.
 _LAZY_INLINE_MIN_FILE_BYTES = 8 << 20
@@ -131,7 +120,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{p}: not a readable ONNX model (parsing it ran out of memory)",
                              hint="check that this is an .onnx file") from None
     except Exception as e:  # protobuf and the IR raise several unrelated types for garbage input
-        first_line = _one_line(e)
+        first_line = one_line(e)
         raise ModelLoadError(f"{p}: not a readable ONNX model ({type(e).__name__}: {first_line})",
                              hint="re-export it, or check that the download is complete") from e
     if model.graph is None or (len(model.graph) == 0 and not model.graph.outputs):
@@ -520,9 +509,9 @@ def _check_location(tensor: ir.ExternalTensor, path: Path, base_real: str, files
 def _check_extent(tensor: ir.ExternalTensor, path: Path, file_size: int) -> None:
     name = tensor.name or "?"
     try:
-        needed = _nbytes(tensor)
+        needed = nbytes(tensor)
     except Exception as e:
-        raise ModelLoadError(f"{path}: tensor {name!r} has an invalid shape or type ({_one_line(e)})",
+        raise ModelLoadError(f"{path}: tensor {name!r} has an invalid shape or type ({one_line(e)})",
                              hint="re-export the model") from None
     offset = tensor.offset or 0
     length = tensor.length if tensor.length is not None else needed
@@ -546,452 +535,13 @@ def _check_inline(tensor: ir.TensorProtoTensor, path: Path) -> None:
         return
     try:
         proto = tensor.raw
-        needed = _nbytes(tensor)
+        needed = nbytes(tensor)
         if proto.HasField("raw_data"):
             if len(proto.raw_data) != needed:
                 raise ValueError(f"{len(proto.raw_data)} bytes of data for a shape that needs {needed}")
         elif needed:
             tensor.numpy()  # typed fields (float_data...): small in practice; checks count against shape
     except Exception as e:
-        raise ModelLoadError(f"{path}: tensor {name!r} is corrupt ({_one_line(e)})",
+        raise ModelLoadError(f"{path}: tensor {name!r} is corrupt ({one_line(e)})",
                              hint="re-export it, or check that the download is complete") from None
 
-
-def _nbytes(tensor) -> int:
-    count = math.prod(int(d) for d in tensor.shape.numpy())
-    return int(math.ceil(count * tensor.dtype.itemsize))
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split())
-    return (text or type(e).__name__)[:limit]
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing
-
-
-def publish(moves: Sequence[tuple[Path, Path]]) -> None:
-    """Rename finished temporary files into place, all or nothing.
-
-    Each ``(temporary, final)`` pair must be on the same file system; the last one is normally the .onnx that
-    names the others. Before a final that exists is replaced (all but the last), a backup of it is kept; if a
-    rename fails, the files already moved are taken back out and the previous ones restored.
-
-    Raises:
-        OutputWriteError: a rename failed (the previous files are restored).
-    """
-    done: list[tuple[Path, Path | None]] = []  # (final, backup of its previous file or None)
-    try:
-        for i, (tmp, final) in enumerate(moves):
-            backup = None
-            if i < len(moves) - 1 and final.exists():  # the last rename is atomic on its own
-                backup = tmp.with_name(tmp.name + ".previous")
-                try:
-                    os.link(final, backup)  # the previous file stays in place until replaced
-                except OSError:
-                    os.replace(final, backup)
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                if backup is not None:
-                    if final.exists():
-                        backup.unlink()
-                    else:
-                        os.replace(backup, final)
-                raise
-            done.append((final, backup))
-    except OSError as e:
-        for final, backup in reversed(done):
-            try:
-                if backup is not None:
-                    os.replace(backup, final)
-                else:
-                    final.unlink(missing_ok=True)
-            except OSError:  # pragma: no cover - nothing more we can do
-                logger.error("could not restore %s", final)
-        raise _write_error(e, moves[-1][1]) from e
-    for _, backup in done:
-        if backup is not None:
-            backup.unlink(missing_ok=True)
-
-
-def _write_error(e: OSError, path: Path) -> OutputWriteError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        hint = f"free disk space in {path.parent} (or write elsewhere); nothing was written"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = f"choose a writable folder for {path.name}; nothing was written"
-    elif e.errno in (errno.ENOTDIR, errno.ENOENT):
-        hint = "the output's folder must exist; nothing was written"
-    else:
-        hint = "nothing was written; the previous file, if any, is unchanged"
-    return OutputWriteError(f"cannot write {path}: {e.strerror or e}", hint=hint)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temporary file in the same folder, then rename).
-
-    Raises:
-        OutputWriteError: the folder is missing or unwritable, or the disk is full; nothing is left behind.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        tmp = Path(tmp_name)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        publish([(tmp, path)])
-        tmp = None
-    except OSError as e:
-        raise _write_error(e, path) from e
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-
-
-def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
-    """Write `model` atomically: to a temporary folder beside `path`, then rename over `path` (`publish`).
-
-    Args:
-        external_data: write weights to `<name>.data` beside the model; None decides by size (> 1.8 GB).
-            A model holding external (memory-mapped) tensors always gets its own data file.
-
-    Returns:
-        The path written.
-
-    Raises:
-        OutputWriteError: the disk filled up or the folder is not writable; no partial file is left and a
-            previous file at `path` is unchanged.
-    """
-    path = Path(path)
-    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
-    if external_data is None:
-        external_data = sum(_nbytes(t) for t in tensors) > 1_800_000_000
-    if not external_data and any(isinstance(t, ir.ExternalTensor) and not isinstance(t, _MappedInline) for t in tensors):
-        # The input kept its weights in a data file: so does the output (its own).
-        external_data = True
-    tmp_dir = None
-    try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        tmp_model = tmp_dir / path.name
-        data_name = f"{path.name}.data"
-        # Every weight is read once (copied, or quantized); mapped pages would otherwise stay resident while
-        # their tensor is in use: a whole embedding table at once.
-        with _PageDropper(_LIVE_MAPPINGS):
-            if external_data:
-                from sw_onnx.kernels import usable_cpus
-
-                # 4096-aligned large tensors: onnxruntime can memory-map them instead of copying them to its
-                # heap. Lazy tensors (quantized weights) are computed by several threads, a bounded number at a time.
-                ir.save(model, tmp_model, format="protobuf", external_data=data_name, alignment=4096,
-                        max_workers=usable_cpus(), max_in_flight_bytes=_SAVE_IN_FLIGHT_BYTES)
-            else:
-                _save_inline(model, tmp_model)
-        moves = []
-        if external_data and (tmp_dir / data_name).exists():
-            moves.append((tmp_dir / data_name, path.parent / data_name))
-        moves.append((tmp_model, path))
-        publish(moves)
-    except OSError as e:
-        raise _write_error(e, path) from e
-    except SwOnnxError:
-        raise
-    except Exception as e:  # raised while serializing, e.g. by a lazy tensor computing a quantized weight
-        root = e
-        while root.__cause__ is not None or root.__context__ is not None:
-            root = root.__cause__ or root.__context__
-        if isinstance(root, SwOnnxError):
-            raise root from e
-        if isinstance(root, OSError):
-            raise _write_error(root, path) from e
-        if isinstance(root, ValueError) and "NaN or infinite" in str(root):
-            raise UnsupportedGraphError(f"cannot write the model: a {root}",
-                                        hint="the model's weights must be finite; check the export") from e
-        raise
-    finally:
-        if tmp_dir is not None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    return path
-
-
-_SAVE_IN_FLIGHT_BYTES = 64 << 20
-
-
-def _tensor_bytes(tensor: ir.TensorProtocol):
-    """The tensor's raw_data bytes. A view of its array where that is the same bytes (byte-sized elements,
-    little-endian): a mapped weight's then stay in its mapping and a computed one's are not copied."""
-    if (not isinstance(tensor, ir.TensorProtoTensor) and tensor.dtype.bitwidth >= 8 and sys.byteorder == "little"
-            and tensor.size):
-        return memoryview(np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8))
-    return tensor.tobytes()  # packed 4-bit types, big-endian hosts, and parsed protobuf bytes as they are
-
-
-def proto_with_placeholders(model: ir.Model, select: Callable[[ir.TensorProtocol], bool] = lambda tensor: True):
-    """(the model as a ModelProto whose `select`-ed main-graph initializers are data-less external
-    references, their names): serializing it reads no weight, whatever holds them (mapped, lazy, in memory)."""
-    originals: dict[str, ir.TensorProtocol] = {}
-    for name, value in model.graph.initializers.items():
-        const = value.const_value
-        if const is not None and select(const):
-            originals[name] = const
-            value.const_value = ir.ExternalTensor(
-                "sw-onnx-placeholder.bin", 0, 0, const.dtype, shape=const.shape, name=name,
-                doc_string=const.doc_string, metadata_props=dict(const.metadata_props) or None)
-    try:
-        return ir.to_proto(model), set(originals)
-    finally:
-        for name, const in originals.items():
-            model.graph.initializers[name].const_value = const
-
-
-def _computed_ahead(pool, jobs: Sequence[Callable[[], object]], sizes: Sequence[int], limit: int) -> Iterator:
-    """Each job's result in order, the next ones computed on `pool` meanwhile: at most `limit` bytes (by
-    `sizes`) in flight, and always at least the one being waited for."""
-    pending: collections.deque = collections.deque()
-    in_flight = submitted = 0
-    for i in range(len(jobs)):
-        while submitted < len(jobs) and (submitted == i or in_flight + sizes[submitted] <= limit):
-            pending.append(pool.submit(jobs[submitted]))
-            in_flight += sizes[submitted]
-            submitted += 1
-        yield pending.popleft().result()
-        in_flight -= sizes[i]
-
-
-def _save_inline(model: ir.Model, path: Path) -> None:
-    """Write `model` as one .onnx with inline weights, tensor by tensor (`sw_onnx.wire.write_model`): the
-    graph is serialized without its initializers, which are then computed (lazy ones by a few threads ahead
-    of the writer, at most `_SAVE_IN_FLIGHT_BYTES` at once) and appended one at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from sw_onnx.kernels import usable_cpus
-    from sw_onnx.wire import write_model
-
-    # All but strings (no raw_data), however small: the file's layout then does not depend on how each
-    # tensor is held (computing a lazy one may read any weight, a mapped one must not become a reference).
-    proto, streamed = proto_with_placeholders(model, lambda tensor: tensor.dtype != ir.DataType.STRING)
-    headers, tensors, kept = [], [], []
-    for tensor in proto.graph.initializer:
-        if tensor.name in streamed:
-            del tensor.external_data[:]
-            tensor.ClearField("data_location")
-            const = model.graph.initializers[tensor.name].const_value
-            headers.append((tensor.SerializeToString(), _nbytes(const)))
-            tensors.append(const)
-        else:
-            kept.append(tensor)
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
-    skeleton = proto.SerializeToString()
-    del proto
-    jobs = [functools.partial(_tensor_bytes, tensor) for tensor in tensors]
-    with ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="sw-onnx-save") as pool, open(path, "wb") as f:
-        write_model(f, skeleton, headers, _computed_ahead(pool, jobs, [n for _, n in headers], _SAVE_IN_FLIGHT_BYTES))
-
-
-# ----------------------------------------------------------------------------------------------
-# onnxruntime
-
-
-def ort_value(array: np.ndarray):
-    """An `onnxruntime.OrtValue` sharing `array`'s memory, for any dtype onnxruntime has (bfloat16 and the
-    float8 types of ml_dtypes included, which plain numpy feeds cannot carry)."""
-    import onnxruntime as ort
-
-    array = np.ascontiguousarray(array)
-    if array.dtype.kind in "fiub":
-        return ort.OrtValue.ortvalue_from_numpy(array)
-    dtype = ir.DataType.from_numpy(array.dtype)
-    carrier = {1: np.uint8, 2: np.uint16}[array.dtype.itemsize]
-    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(carrier), int(dtype))
-
-
-def _external_folder(model: ir.Model, overrides: Mapping[str, np.ndarray]) -> str | None:
-    """The one folder all external tensors of the model live in, if they all do (onnxruntime can then map them
-    itself); None otherwise."""
-    folders = set()
-    for tensor in iter_tensors(model):
-        if isinstance(tensor, ir.ExternalTensor) and tensor.name not in overrides:
-            if not tensor.base_dir:
-                return None
-            folders.add(os.path.realpath(os.fspath(tensor.base_dir)))
-    return folders.pop() if len(folders) == 1 else None
-
-
-_STREAM_MIN_BYTES = 1 << 20
-
-
-class _PageDropper:
-    """While onnxruntime runs (or a model is saved), keep dropping the resident pages of the weights' memory maps.
-
-    A run reads every weight once; mapped file pages would otherwise stay resident (and counted in RSS) until
-    the mapping goes, so the process would hold the whole model. ``madvise(MADV_DONTNEED)`` on a read-only
-    file mapping only unmaps the pages: a later access faults them back in from the page cache, same bytes.
-    So the run's footprint is its working set, as if the kernel reclaimed the pages under memory pressure.
-    """
-
-    def __init__(self, mappings, interval: float = 0.02):
-        import threading
-
-        self.mappings, self.interval = mappings, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="sw-onnx-page-dropper", daemon=True)
-
-    def _drop(self) -> None:
-        import mmap
-
-        try:
-            mappings = list(self.mappings)
-        except RuntimeError:  # a live set that another thread changed meanwhile: next time
-            return
-        for mapping in mappings:
-            try:
-                mapping.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError):  # closed, or not supported here
-                pass
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._drop()
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._drop()
-
-
-class StreamingSession:
-    """An onnxruntime session whose large external weights are fed at every run from sw-onnx's own read-only
-    memory maps (zero copy), with their pages dropped as the run goes (`_PageDropper`): peak memory is the
-    run's working set instead of the whole model. Feeds given by the caller win (e.g. zeroed weights).
-    Anything else is the wrapped `onnxruntime.InferenceSession`'s."""
-
-    def __init__(self, session, weights: dict, mappings: list):
-        self._session, self._weights, self._mappings = session, weights, mappings
-
-    def __getattr__(self, name):
-        return getattr(self._session, name)
-
-    def run(self, output_names, input_feed, run_options=None):
-        feeds = {**self._weights, **input_feed}
-        with _PageDropper(self._mappings):
-            return self._session.run(output_names, feeds, run_options)
-
-
-def create_session(
-    model: ir.Model,
-    *,
-    overrides: Mapping[str, np.ndarray] | None = None,
-    providers: list[str] | None = None,
-    optimize: bool = True,
-    stream_weights: bool = False,
-):
-    """An onnxruntime session for an in-memory model, without a copy of its weights.
-
-    External (memory-mapped) weights stay references into their file: onnxruntime maps the file itself
-    (``session.model_external_initializers_file_folder_path``), so no weight is copied to the heap and only
-    the pages a run touches become resident (page cache, shared with other readers). Other large initializers
-    are handed over as OrtValues (`add_external_initializers`; onnxruntime copies those), as is `overrides`,
-    which replaces named initializers (e.g. weights with super weights zeroed). Constant weights are not
-    pre-packed (``session.disable_prepacking``): a packed copy of every MatMul weight would double the memory
-    of one forward pass.
-
-    With `stream_weights`, every external weight of at least 1 MiB becomes an overridable initializer fed at
-    each run from sw-onnx's own memory map, whose pages are dropped while the run goes: a `StreamingSession`
-    (same interface) whose peak memory is one run's working set rather than the model's size. Constant
-    folding of those weights (e.g. a Transpose or Cast of a weight) then happens at every run.
-
-    Raises:
-        UnsupportedGraphError: onnxruntime cannot load the model.
-    """
-    import onnxruntime as ort
-
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(model.graph.initializers))
-    if unknown:
-        raise KeyError(f"no initializer named {unknown}")
-    folder = _external_folder(model, overrides)
-    names, arrays, values = [], [], []
-    originals = {}
-    for name, value in model.graph.initializers.items():
-        const = value.const_value
-        if const is None:
-            continue
-        external = isinstance(const, ir.ExternalTensor)
-        if name not in overrides and external and folder is not None:
-            continue  # onnxruntime maps it from the file
-        if name not in overrides and not external and _nbytes(const) < _IN_MEMORY_THRESHOLD_BYTES:
-            continue
-        array = overrides[name] if name in overrides else const.numpy()
-        ort_array = None
-        if const.dtype.bitwidth >= 8 and const.dtype != ir.DataType.STRING:
-            try:
-                ort_array = ort_value(array)
-            except Exception:  # a type onnxruntime has no OrtValue for: leave it to protobuf
-                ort_array = None
-        if ort_array is None:
-            if external or name in overrides:
-                # e.g. int4: protobuf carries a copy (never a reference to a file onnxruntime would re-read).
-                originals[name] = const
-                value.const_value = ir.Tensor(np.array(array), dtype=const.dtype, name=name)
-            continue
-        names.append(name)
-        arrays.append(np.ascontiguousarray(array))
-        values.append(ort_array)
-        # A placeholder, so that serializing the graph copies no weight bytes.
-        originals[name] = const
-        value.const_value = ir.ExternalTensor(
-            _IN_MEMORY_LOCATION, 0, arrays[-1].nbytes, const.dtype, shape=const.shape, name=name
-        )
-    try:
-        proto = ir.to_proto(model)
-    finally:
-        for name, const in originals.items():
-            model.graph.initializers[name].const_value = const
-    streamed, mappings = {}, []
-    if stream_weights and folder is not None:
-        import mmap
-
-        graph_inputs = {i.name for i in proto.graph.input}
-        for name, value in model.graph.initializers.items():
-            const = value.const_value
-            if (name in overrides or not isinstance(const, _MappedOnDemand) or const.dtype.bitwidth < 8
-                    or const.dtype == ir.DataType.STRING or _nbytes(const) < _STREAM_MIN_BYTES
-                    or not hasattr(mmap, "MADV_DONTNEED")):
-                continue
-            array, mapping = const.mapped()
-            streamed[name] = ort_value(array)
-            mappings.append(mapping)
-            if name not in graph_inputs:  # overridable: onnxruntime takes the fed value over the file's
-                import onnx
-
-                proto.graph.input.append(onnx.helper.make_tensor_value_info(
-                    name, int(const.dtype), [int(d) for d in const.shape.numpy()]))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    if folder is not None:
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if names:
-        options.add_external_initializers(names, values)
-    try:
-        session = ort.InferenceSession(proto.SerializeToString(), options,
-                                       providers=providers or ["CPUExecutionProvider"])
-    except Exception as e:
-        if type(e).__module__.startswith("onnxruntime"):
-            raise UnsupportedGraphError(
-                f"onnxruntime {ort.__version__} cannot load this model: {_one_line(e, 300)}",
-                hint="check that the model runs in onnxruntime; sw-onnx needs it to",
-            ) from e
-        raise
-    session._sw_onnx_keep_alive = (arrays, values)  # the session reads these buffers
-    if streamed:
-        return StreamingSession(session, streamed, mappings)
-    return session
