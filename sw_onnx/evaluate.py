@@ -142,6 +142,37 @@ def wikitext_token_ids(tokenizer, path: str | os.PathLike | None = None) -> np.n
             tokenizer.enable_truncation(**truncation)
 
 
+def text_token_ids(model, *, text: str | os.PathLike | None = None,
+                   tokenizer: str | os.PathLike | None = None) -> tuple[np.ndarray, str]:
+    """Token ids of a text file by the perplexity protocol (as is, once, no BOS), and their source.
+
+    Args:
+        model: the model path or folder (its tokenizer.json is used unless ``tokenizer`` is given).
+        text: the text file; default: the WikiText-2 test text (:func:`default_wikitext_path`).
+        tokenizer: a tokenizer.json or a folder holding one.
+
+    Raises:
+        UsageError: no tokenizer, no such text file, or a text that encodes to no token.
+    """
+    if text is None:
+        try:
+            path = default_wikitext_path()
+        except FileNotFoundError as e:
+            raise UsageError(f"no --text given and {e}", hint="pass --text FILE") from None
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise UsageError(f"--text {text}: no such file")
+    tok = load_tokenizer(model, tokenizer)
+    try:
+        ids = wikitext_token_ids(tok, path)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if ids.size == 0:
+        raise UsageError(f"{path}: the text encodes to no token")
+    return ids, f"{path} ({len(ids):,} tokens)"
+
+
 @dataclass
 class PerplexityResult:
     """Outcome of :func:`perplexity`.
@@ -162,28 +193,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _session(model, providers):
-    import onnxruntime as ort
-
-    if isinstance(model, ort.InferenceSession):
-        return model
-    try:
-        import onnx_ir as ir
-
-        if isinstance(model, ir.Model):
-            from sw_onnx.io import create_session
-
-            return create_session(model, providers=providers)
-    except ImportError:  # pragma: no cover
-        pass
-    from sw_onnx.io import resolve_model_path
-
-    path = resolve_model_path(model)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def _window_nll_sum(logits: np.ndarray, window: np.ndarray) -> float:
@@ -241,7 +250,9 @@ def perplexity(
         raise UsageError(f"{len(ids)} tokens: not one complete window of {context}")
     n_windows = available if max_windows is None else min(available, max_windows)
 
-    session = _session(model, providers)
+    from sw_onnx.io import open_session
+
+    session = open_session(model, providers)
     out_name = logits_output_name(session)
     declared_vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == out_name), None)
     used = ids[: n_windows * context]

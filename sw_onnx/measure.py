@@ -47,6 +47,7 @@ import numpy as np
 
 from sw_onnx._version import __version__
 from sw_onnx.errors import ModelLoadError, UnsupportedGraphError, UsageError
+from sw_onnx.evaluate import text_token_ids
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx_ir as ir
@@ -93,36 +94,14 @@ Progress = Callable[[int, int], None]
 
 def open_session(model, providers: Sequence[str] | None = None) -> "onnxruntime.InferenceSession":
     """An onnxruntime session for an .onnx path, an export folder, an in-memory ``onnx_ir.Model``, or a
-    session (returned as is).
+    session (returned as is): `sw_onnx.io.open_session`, a file it cannot load raised as ModelLoadError.
 
     Raises:
         ModelLoadError: no model there, or onnxruntime cannot load it.
     """
-    import onnxruntime as ort
+    from sw_onnx.io import open_session as open_any
 
-    if isinstance(model, ort.InferenceSession):
-        return model
-    try:
-        import onnx_ir as ir
-
-        if isinstance(model, ir.Model):
-            from sw_onnx.io import create_session
-
-            return create_session(model, providers=list(providers) if providers else None)
-    except ImportError:  # pragma: no cover
-        pass
-    from sw_onnx.io import resolve_model_path
-
-    path = resolve_model_path(model)
-    if path.stat().st_size == 0:
-        raise ModelLoadError(f"{path}: empty file", hint="re-export the model")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ModelLoadError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {first})") from e
+    return open_any(model, providers, wrap_errors=True)
 
 
 def _run(session, names: list[str], feeds: dict) -> list[np.ndarray]:
@@ -134,39 +113,6 @@ def _run(session, names: list[str], feeds: dict) -> list[np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------ tokens
-
-
-def text_token_ids(model, *, text: str | os.PathLike | None = None,
-                   tokenizer: str | os.PathLike | None = None) -> tuple[np.ndarray, str]:
-    """Token ids of a text file by the perplexity protocol (as is, once, no BOS), and their source.
-
-    Args:
-        model: the model path or folder (its tokenizer.json is used unless ``tokenizer`` is given).
-        text: the text file; default: the WikiText-2 test text (:func:`sw_onnx.evaluate.default_wikitext_path`).
-        tokenizer: a tokenizer.json or a folder holding one.
-
-    Raises:
-        UsageError: no tokenizer, no such text file, or a text that encodes to no token.
-    """
-    from sw_onnx.evaluate import default_wikitext_path, load_tokenizer, wikitext_token_ids
-
-    if text is None:
-        try:
-            path = default_wikitext_path()
-        except FileNotFoundError as e:
-            raise UsageError(f"no --text given and {e}", hint="pass --text FILE") from None
-    else:
-        path = Path(text)
-        if not path.is_file():
-            raise UsageError(f"--text {text}: no such file")
-    tok = load_tokenizer(model, tokenizer)
-    try:
-        ids = wikitext_token_ids(tok, path)
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text ({e.reason})") from None
-    if ids.size == 0:
-        raise UsageError(f"{path}: the text encodes to no token")
-    return ids, f"{path} ({len(ids):,} tokens)"
 
 
 def windows_for(n_tokens: int, context: int, max_tokens: int | None = None) -> tuple[int, int]:

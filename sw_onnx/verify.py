@@ -109,12 +109,11 @@ def verify_quantized(
         if reference_logits is not None:
             out_name, reference_logits = reference_logits
         else:
-            from sw_onnx.io import create_session, load_model
+            from sw_onnx.io import load_model, open_session
 
             # The original's weights are fed from memory maps whose pages are dropped as the run goes, so its
             # run does not hold the whole fp32 model (bench/large_model.py: 2.4 GB -> 0.4 GB peak RSS).
-            ref_session = create_session(load_model(reference), providers=list(providers) if providers else None,
-                                         stream_weights=True)
+            ref_session = open_session(load_model(reference), providers, stream_weights=True)
             out_name = logits_output_name(ref_session)
             reference_logits = ref_session.run([out_name], build_feeds(ref_session, token_ids))[0]
             del ref_session
@@ -229,20 +228,13 @@ def _compare_logits(name: str, logits: np.ndarray, reference: np.ndarray) -> dic
 
 
 def _session(path, providers, *, optimized: Path | None = None):
-    import onnxruntime as ort
+    """A session for the file at `path` as verification runs it: without pre-packed weights (a packed copy of
+    every constant MatMul weight doubled the memory, 2.3 GB more on a 2.7 GB fp32 model, for one short run:
+    bench/large_model.py); with `optimized`, at `OPTIMIZATION_LEVEL`, writing the optimized graph there."""
+    from sw_onnx.io import open_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # No pre-packed copy of every constant MatMul weight: it doubled the memory (2.3 GB more on a 2.7 GB
-    # fp32 model) for a single short run (bench/large_model.py).
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    if optimized is not None:
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVEL)
-        options.optimized_model_filepath = str(optimized)
-        # Weights of the optimized copy go to a side file, so graphs past 2 GB serialize too.
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", optimized.name + ".data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+    level = OPTIMIZATION_LEVEL if optimized is not None else True
+    return open_session(path, providers, prepack=False, optimize=level, optimized_path=optimized)
 
 
 def _first_line(e: BaseException) -> str:
