@@ -22,15 +22,15 @@ fields (every ``"seconds"``) are null unless ``--timings``.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from sw_onnx import _cli_measure
+from sw_onnx._cli_common import ModelArg, ProviderOpt, TokenizerOpt, execution_providers, progress, write_json
 from sw_onnx._version import __version__
 from sw_onnx.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OUTPUT, SwOnnxError, UsageError
 
@@ -43,46 +43,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-ModelArg = Annotated[Path, typer.Argument(help="An .onnx file, or an export folder holding model.onnx.", show_default=False)]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here ('-' for stdout).")]
-ProviderOpt = Annotated[str, typer.Option("--provider", help="onnxruntime execution provider: cpu or cuda.")]
-TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="tokenizer.json (default: the one beside the model).")]
 TimingsOpt = Annotated[bool, typer.Option("--timings", help="Fill the JSON's \"seconds\" fields (null by default, so that the same input and options give the same bytes).")]
-
-_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-
-
-def _progress(message: str) -> None:
-    print(f"[sw-onnx] {message}", file=sys.stderr, flush=True)
-
-
-def _providers(name: str) -> list[str]:
-    import onnxruntime as ort
-
-    if name not in _PROVIDERS:
-        raise UsageError(f"--provider {name}: unknown (use cpu or cuda)")
-    if name == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise UsageError("--provider cuda: this onnxruntime has no CUDA support", hint="pip install 'sw-onnx[gpu]'")
-    return _PROVIDERS[name]
-
-
-def _without_timings(data):
-    """`data` with every "seconds" value set to null: the JSON of a run is then a function of its inputs."""
-    if isinstance(data, dict):
-        return {k: (None if k == "seconds" else _without_timings(v)) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_without_timings(v) for v in data]
-    return data
-
-
-def _write_json(data: dict, target: Path, timings: bool = True) -> None:
-    from sw_onnx.io import write_text_atomic
-
-    text = json.dumps(data if timings else _without_timings(data), indent=2) + "\n"
-    if str(target) == "-":
-        sys.stdout.write(text)
-        return
-    write_text_atomic(target, text)
 
 
 def _check_output_folder(*targets: Optional[Path]) -> None:
@@ -114,22 +76,22 @@ def detect(
     from sw_onnx.io import load_model, resolve_model_path
     from sw_onnx.report import detect_report, format_detect_table, plot_detect
 
-    config = DetectConfig(max_iterations=max_iterations, providers=_providers(provider))
+    config = DetectConfig(max_iterations=max_iterations, providers=execution_providers(provider))
     _check_output_folder(json_path, plot)
     path = resolve_model_path(model)
     token_ids, source = prompt_token_ids(model, tokenizer=tokenizer, prompt=prompt)
-    _progress(f"loading {path}")
+    progress(f"loading {path}")
     loaded = load_model(path)
-    _progress(f"prompt: {source}, {len(token_ids)} tokens")
-    result = run_detect(loaded, token_ids, config, progress=_progress)
+    progress(f"prompt: {source}, {len(token_ids)} tokens")
+    result = run_detect(loaded, token_ids, config, progress=progress)
     report = detect_report(result, model_path=path, config=config, prompt=prompt, tokenizer=tokenizer, source=source)
     if json_path is not None:
-        _write_json(report, json_path, timings)
+        write_json(report, json_path, timings)
     if str(json_path) != "-":
         print(format_detect_table(result))
     if plot is not None:
         plot_detect(result, plot, layers=None)
-        _progress(f"plot written to {plot}")
+        progress(f"plot written to {plot}")
 
 
 from sw_onnx.quantize import QuantizeConfig as _QuantizeConfig  # noqa: E402  (light: no onnx import)
@@ -234,19 +196,19 @@ def quantize(
     config = QuantizeConfig(
         bits=bits, block_size=block_size, symmetric=symmetric, clip=mode, zscore=z, keep=keep,
         exclude=tuple(exclude or ()), include_lm_head=lm_head, format=format, verify=verify, force=force,
-        providers=tuple(_providers(provider)) if provider != "cpu" else None,
+        providers=tuple(execution_providers(provider)) if provider != "cpu" else None,
         activations=activations, calib_text=str(calib_text) if calib_text is not None else None, sa_keep_out=sa_keep_out,
         lm_head_bits=lm_head_bits,
     )
     try:
-        summary = quantize_model(model, output, config, progress=_progress)
+        summary = quantize_model(model, output, config, progress=progress)
     except SwOnnxError as e:
         partial = getattr(e, "summary", None)
         if partial is not None and json_path is not None:
-            _write_json(partial.to_dict(), json_path, timings)
+            write_json(partial.to_dict(), json_path, timings)
         raise
     if json_path is not None:
-        _write_json(summary.to_dict(), json_path, timings)
+        write_json(summary.to_dict(), json_path, timings)
     if str(json_path) != "-":
         print(_format_quantize_summary(summary))
 
@@ -257,9 +219,7 @@ def version() -> None:
     print(__version__)
 
 
-from sw_onnx import _cli_measure  # noqa: E402  (eval, compare, generate, ablate)
-
-_cli_measure.register(app)
+_cli_measure.register(app)  # eval, compare, generate, ablate: after version, in --help too
 
 
 def _one_line(text: str, limit: int = 600) -> str:
