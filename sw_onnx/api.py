@@ -170,6 +170,7 @@ class _Run:
     ranges: dict | None = None
     accuracy_levels: dict[str, int] = field(default_factory=dict)
     reference_logits: tuple[str, np.ndarray] | None = None
+    input_dims: dict = field(default_factory=dict)
     opset: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
 
@@ -225,6 +226,7 @@ def _write_quantized(run: _Run, tmp: Path) -> tuple[QuantPlan, QuantizeSummary]:
 
     model = _load(run)
     t0 = time.perf_counter()
+    run.input_dims = _input_dims(run.src, model)
     pristine = model.clone()
     types = _upgrade_opset(run, model)
     ahead, stop, worker = _quantize_ahead(run, model, types)
@@ -247,6 +249,15 @@ def _write_quantized(run: _Run, tmp: Path) -> tuple[QuantPlan, QuantizeSummary]:
     save_model(model, tmp, external_data=summary.external_data)
     summary.seconds["rewrite_and_save"] = time.perf_counter() - t1
     return plan, summary
+
+
+def _input_dims(src: Path, model: ir.Model) -> dict:
+    """The KV-cache sizes the graph leaves symbolic (genai_config.json, else the attention nodes), taken from
+    the original: verification feeds its quantized copy with them."""
+    from sw_onnx.genai import find_config
+    from sw_onnx.inputs import cache_dim_hints
+
+    return cache_dim_hints(src if find_config(src) is not None else model)
 
 
 def _quantize_ahead(run: _Run, model: ir.Model, types):
@@ -486,7 +497,8 @@ def _verify(run: _Run, tmp: Path, plan: QuantPlan, summary: QuantizeSummary) -> 
     run.say("verifying: onnx checker, onnxruntime fusion, logits vs the original")
     fused = [p.quantized_node for p in plan.quantized] if run.config.activations == "none" else []
     result = verify_quantized(tmp, run.src, fused, run.token_ids, providers=run.config.providers,
-                              min_top1_agreement=run.config.min_top1_agreement, reference_logits=run.reference_logits)
+                              min_top1_agreement=run.config.min_top1_agreement, reference_logits=run.reference_logits,
+                              input_dims=run.input_dims)
     summary.verification = result.to_dict()
     summary.seconds["verify"] = time.perf_counter() - t2
     if not result.passed:

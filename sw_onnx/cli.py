@@ -133,12 +133,11 @@ def _mib(n: int) -> str:
 def _format_quantize_summary(summary) -> str:
     lines = []
     total = len(summary.layers)
-    cfg = summary.config
-    kind = f"{'int' if cfg.symmetric else 'uint'}{cfg.bits} {f'b{cfg.block_size}' if cfg.block_size else 'per-channel'}"
-    if getattr(cfg, "activations", "none") == "int8":
-        kind = f"{'int' if cfg.symmetric else 'uint'}8 per-channel, int8 activations"
-    for i, d in enumerate(summary.layers, 1):
+    for i, d in enumerate(summary.layers, 1):  # the plan, layer by layer
         head = f"[{i:{len(str(total))}d}/{total}] {d.node} [{d.k}x{d.n}]"
+        kind = f"{'int' if d.symmetric else 'uint'}{d.bits} {f'b{d.block_size}' if d.block_size else 'per-channel'}"
+        if d.form == "w8a8":
+            kind += ", int8 activations"
         if d.action == "quantized":
             level = f", accuracy_level {d.accuracy_level}" if d.accuracy_level is not None else ""
             lines.append(f"{head} -> {kind} {d.form}{level} | {_mib(d.float_bytes)} -> {_mib(d.quantized_bytes)} | kept {len(d.kept)}")

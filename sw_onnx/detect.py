@@ -33,7 +33,7 @@ from sw_onnx.analyze.instrument import InstrumentLinearStatsPass, stat_output_na
 from sw_onnx.discover import LinearLayer, find_linear_layers, find_residual_chain, require_float_model
 from sw_onnx.errors import UnsupportedGraphError
 from sw_onnx.inputs import build_feeds, logits_output_name
-from sw_onnx.io import create_session, ort_value
+from sw_onnx.io import open_session, ort_value
 from sw_onnx.passes.ablate import scaled_initializers
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class Detector:
         if self._session is None:
             # Weights fed from memory maps whose pages are dropped during the run: memory stays at the
             # working set, not the model's size (bench/large_model.py).
-            self._session = create_session(self.model, providers=self.config.providers, stream_weights=True)
+            self._session = open_session(self.model, self.config.providers, stream_weights=True)
         feeds = build_feeds(self._session, token_ids)
         tokens = int(np.asarray(token_ids).size)
         feeds.update(self.input_probe.feeds(tokens))

@@ -207,14 +207,14 @@ def calibrate_linear_inputs(
         ``{input value name: InputStats}``.
     """
     from sw_onnx.inputs import build_feeds
-    from sw_onnx.io import create_session, load_model
+    from sw_onnx.io import load_model, open_session
 
     if not isinstance(model, ir.Model):
         model = load_model(model)
     layers, _ = find_linear_layers(model)
     model.graph.outputs.clear()
     probe = InputStatsProbe(model, layers, top_k=top_k)
-    session = create_session(model, providers=list(providers) if providers else None, stream_weights=True)
+    session = open_session(model, providers, stream_weights=True)
     for w, window in enumerate(windows):
         window = np.asarray(window, dtype=np.int64).ravel()
         feeds = build_feeds(session, window[None, :])

@@ -74,6 +74,11 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     if not exists:
         raise ModelLoadError(f"{p}: no such file or folder", hint="check the path")
     if p.is_dir():
+        from sw_onnx.genai import find_config, read_config
+
+        genai = find_config(p)
+        if genai is not None:  # an onnxruntime-genai folder names its decoder
+            return read_config(genai).filename
         for name in MODEL_FILE_NAMES:
             if (p / name).is_file():
                 return p / name
@@ -181,36 +186,35 @@ def check_acyclic(model: ir.Model, path: Path | str = "model") -> None:
 
 
 def check_arity(model: ir.Model, path: Path | str = "model") -> None:
-    """Every standard ONNX node must exist at the model's opset and have as many inputs/outputs as its schema
-    allows, so that code walking the graph can index them (a corrupt file can drop or add some).
+    """Every node of ONNX's or onnxruntime's domains must be an op that ONNX (at the model's opset) or the
+    installed onnxruntime defines (its contrib ops: `sw_onnx.opschema`), with as many inputs/outputs as its
+    schema allows, so that code walking the graph can index them (a corrupt file can drop or add some).
 
     Raises:
-        ModelLoadError: a node does not fit its schema.
+        ModelLoadError: an op nothing knows, or a node that does not fit its schema.
     """
-    import onnx
+    from sw_onnx.opschema import ONNXRUNTIME_DOMAINS, find_schema
 
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-    if opset is None:
-        return
-    schemas: dict[str, object] = {}
+    schemas: dict[tuple[str, str], object] = {}
     for node in model.graph.all_nodes():
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain not in ONNXRUNTIME_DOMAINS or (node.domain in ("", "ai.onnx") and opset is None):
             continue
-        if node.op_type not in schemas:
-            try:
-                schemas[node.op_type] = onnx.defs.get_schema(node.op_type, opset, "")
-            except Exception:
-                schemas[node.op_type] = None
-        schema = schemas[node.op_type]
+        key = (node.domain, node.op_type)
+        if key not in schemas:
+            schemas[key] = find_schema(node.domain, node.op_type, opset)
+        schema = schemas[key]
         where = f"node {node.name or node.op_type!r}"
         if schema is None:
-            raise ModelLoadError(f"{path}: corrupt or invalid model: {where} uses {node.op_type!r}, "
-                                 f"which ONNX opset {opset} does not have", hint="re-export the model")
+            what = f"ONNX opset {opset}" if node.domain in ("", "ai.onnx") else f"domain {node.domain}"
+            raise ModelLoadError(f"{path}: corrupt or invalid model: {where} uses {node.op_type!r}, which {what} does "
+                                 "not have (nor does the installed onnxruntime)", hint="re-export the model")
         n_in, n_out = len(node.inputs), len(node.outputs)
         if not schema.min_input <= n_in <= schema.max_input or not schema.min_output <= n_out <= schema.max_output:
+            where_from = f"opset {opset}" if schema.source == "onnx" else "onnxruntime"
             raise ModelLoadError(
                 f"{path}: corrupt or invalid model: {where} ({node.op_type}) has {n_in} inputs and {n_out} outputs; "
-                f"opset {opset} allows {schema.min_input}-{schema.max_input} and {schema.min_output}-{schema.max_output}",
+                f"{where_from} allows {schema.min_input}-{schema.max_input} and {schema.min_output}-{schema.max_output}",
                 hint="re-export the model")
 
 

@@ -157,9 +157,10 @@ def open_session(
         return model
     providers = list(providers) if providers else None
     if isinstance(model, ir.Model):
-        return create_session(model, overrides=overrides, providers=providers, optimize=optimize,
-                              stream_weights=stream_weights, prepack=bool(prepack),
-                              optimized_path=optimized_path)
+        session = create_session(model, overrides=overrides, providers=providers, optimize=optimize,
+                                 stream_weights=stream_weights, prepack=bool(prepack),
+                                 optimized_path=optimized_path)
+        return _with_input_dims(session, model)
     if overrides or stream_weights:
         raise ValueError("overrides and stream_weights need an in-memory model (sw_onnx.io.load_model)")
     path = resolve_model_path(model)
@@ -168,12 +169,27 @@ def open_session(
     options = _session_options(prepack=True if prepack is None else prepack, optimize=optimize,
                                optimized_path=optimized_path)
     try:
-        return ort.InferenceSession(str(path), options, providers=list(providers or _DEFAULT_PROVIDERS))
+        session = ort.InferenceSession(str(path), options, providers=list(providers or _DEFAULT_PROVIDERS))
     except Exception as e:  # onnxruntime raises its own exception types for unreadable models
         if not wrap_errors:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ModelLoadError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {first})") from e
+    return _with_input_dims(session, path)
+
+
+def _with_input_dims(session, model):
+    """Attach `sw_onnx.inputs.cache_dim_hints` when a past-KV input has a symbolic axis no name explains
+    (onnxruntime-genai's ``kv_cache_dim``): `build_feeds` reads them."""
+    from sw_onnx.inputs import _CACHE_NAME, cache_dim_hints
+
+    def unexplained(dim) -> bool:
+        name = str(dim or "").lower()
+        return not isinstance(dim, int) and not any(word in name for word in ("batch", "seq", "length", "past", "total"))
+
+    if any(_CACHE_NAME.search(i.name) and any(unexplained(d) for d in i.shape) for i in session.get_inputs()):
+        session.sw_onnx_input_dims = cache_dim_hints(model)
+    return session
 
 
 def create_session(
