@@ -255,7 +255,7 @@ def _input_dims(src: Path, model: ir.Model) -> dict:
     """The KV-cache sizes the graph leaves symbolic (genai_config.json, else the attention nodes), taken from
     the original: verification feeds its quantized copy with them."""
     from sw_onnx.genai import find_config
-    from sw_onnx.inputs import cache_dim_hints
+    from sw_onnx.kvcache import cache_dim_hints
 
     return cache_dim_hints(src if find_config(src) is not None else model)
 

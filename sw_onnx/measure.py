@@ -401,7 +401,7 @@ def eos_token_ids(model) -> set[int]:
 
 def _cache_pairs(session) -> dict[str, str]:
     """KV-cache graph input -> the output that gives its next value ({} when the graph has no usable cache)."""
-    from sw_onnx.inputs import _CACHE_NAME
+    from sw_onnx.kvcache import CACHE_NAME as _CACHE_NAME
 
     outputs = {o.name for o in session.get_outputs()}
     pairs = {}

@@ -181,13 +181,13 @@ def open_session(
 def _with_input_dims(session, model):
     """Attach `sw_onnx.inputs.cache_dim_hints` when a past-KV input has a symbolic axis no name explains
     (onnxruntime-genai's ``kv_cache_dim``): `build_feeds` reads them."""
-    from sw_onnx.inputs import _CACHE_NAME, cache_dim_hints
+    from sw_onnx.kvcache import CACHE_NAME, cache_dim_hints
 
     def unexplained(dim) -> bool:
         name = str(dim or "").lower()
         return not isinstance(dim, int) and not any(word in name for word in ("batch", "seq", "length", "past", "total"))
 
-    if any(_CACHE_NAME.search(i.name) and any(unexplained(d) for d in i.shape) for i in session.get_inputs()):
+    if any(CACHE_NAME.search(i.name) and any(unexplained(d) for d in i.shape) for i in session.get_inputs()):
         session.sw_onnx_input_dims = cache_dim_hints(model)
     return session
 

@@ -118,7 +118,11 @@ def quantize_ahead(model: ir.Model, plan: QuantPlan, ahead: QuantizedParts, *, b
             return
         if p.quantized and p.form in ("qdq", "qdq-3d", "nbits") and not p.sa_channels and p.node in layers:
             alpha = gemm_parameters(layers[p.node].node)[0]
-            ahead.put(QuantizedParts.key(p, alpha), _LayerQuantizer(layers[p.node], p, alpha).quantize())
+            try:
+                parts = _LayerQuantizer(layers[p.node], p, alpha).quantize()
+            except Exception:  # e.g. a non-finite weight: the rewrite meets it again and reports it properly
+                return
+            ahead.put(QuantizedParts.key(p, alpha), parts)
 
 
 class _LayerQuantizer:
