@@ -176,22 +176,10 @@ def ablate(
     provider: ProviderOpt = "cpu",
 ) -> None:
     """Write a copy of the model with its super weights scaled (the paper's ablation)."""
-    from sw_onnx.measure import ablate_model, check_output, coordinates_from_report, detect_coordinates
+    from sw_onnx.api import ablate_super_weights
 
-    providers = execution_providers(provider)
-    path, _ = check_output(model, output, force=force)  # fail before detection, not after
-    if keep == "auto":
-        progress(f"detecting super weights in {path}")
-        coords = detect_coordinates(path, tokenizer=tokenizer, providers=providers)
-        source = "auto (sw-onnx detect)"
-    else:
-        report = Path(keep)
-        if not report.is_file():
-            raise UsageError(f"--keep {keep}: neither 'auto' nor an existing report file",
-                             hint="pass auto, or a report written by `sw-onnx detect --json`")
-        coords = coordinates_from_report(report)
-        source = str(report)
-    result = ablate_model(path, output, coords, scale, force=force, source=source)
+    result = ablate_super_weights(model, output, keep=keep, scale=scale, tokenizer=tokenizer,
+                                  providers=execution_providers(provider), force=force, progress=progress)
     if json_path is not None:
         _write_json(result.to_dict(), json_path)
     if str(json_path) != "-":

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # heavy imports stay out of `sw-onnx --help`
     from sw_onnx.detect import DetectConfig, DetectResult
     from sw_onnx.plan import LayerPlan, QuantPlan
 
-__all__ = ["AblateResult", "QuantizeSummary", "ablate_model", "default_output_path", "detect_model", "quantize_model"]
+__all__ = ["AblateResult", "QuantizeSummary", "ablate_model", "ablate_super_weights", "detect_coordinates", "default_output_path", "detect_model", "quantize_model"]
 
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _AHEAD_BUDGET_BYTES = 256 << 20  # quantized tensors held for the rewrite at most (bounded for large models)
@@ -606,6 +606,36 @@ def detect_coordinates(model, *, tokenizer=None, providers: Sequence[str] | None
     return [(sw.initializer, tuple(sw.index)) for sw in result.super_weights]
 
 
+def ablate_super_weights(input_path: str | os.PathLike, output_path: str | os.PathLike, *, keep: str = "auto",
+                         scale: float = 0.0, tokenizer=None, providers: Sequence[str] | None = None, force: bool = False,
+                         progress: Callable[[str], None] | None = None) -> AblateResult:
+    """`ablate_model` on the super weights that detection finds (``keep="auto"``) or a detect report names.
+
+    Raises:
+        UsageError: a bad output (checked before detection), or `keep` neither ``auto`` nor a report file.
+    """
+    from sw_onnx.coordinates import read_detect_report
+    from sw_onnx.io import resolve_model_path
+
+    src = resolve_model_path(input_path)
+    check_output(src, Path(output_path), force=force)  # fail before detection, not after
+    if keep == "auto":
+        from sw_onnx.detect import DetectConfig, detect
+        from sw_onnx.inputs import prompt_token_ids
+        from sw_onnx.io import load_model
+
+        (progress or (lambda message: None))(f"detecting super weights in {src}")
+        model = load_model(src)  # loaded once: detection instruments a clone
+        ids, _ = prompt_token_ids(src, tokenizer=tokenizer)
+        found = detect(model.clone(), ids, DetectConfig(providers=list(providers) if providers else None)).super_weights
+        return _ablate(src, Path(output_path), model, [(sw.initializer, tuple(sw.index)) for sw in found], scale,
+                       source="auto (sw-onnx detect)")
+    if not Path(keep).is_file():
+        raise UsageError(f"--keep {keep}: neither 'auto' nor an existing report file",
+                         hint="pass auto, or a report written by `sw-onnx detect --json`")
+    return ablate_model(src, output_path, read_detect_report(keep, "--keep").coordinates, scale, force=force, source=str(keep))
+
+
 def ablate_model(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
@@ -631,19 +661,26 @@ def ablate_model(
         UsageError: no coordinates, a bad output, coordinates not in the model, a non-finite scale.
         ModelLoadError: the input is not a readable model.
     """
+    from sw_onnx.io import load_model, resolve_model_path
+
+    src, out = resolve_model_path(input_path), Path(output_path)
+    check_output(src, out, force=force)
+    return _ablate(src, out, load_model(src), coordinates, scale, source=source, copy_sidecars=copy_sidecars)
+
+
+def _ablate(src: Path, out: Path, model: ir.Model, coordinates: Iterable, scale: float, *, source: str,
+            copy_sidecars: bool = True) -> AblateResult:
+    """Validate the coordinates, scale them (`ScaleWeightsPass`), save atomically, copy the sidecar files."""
     from sw_onnx.coordinates import validate_coordinates
-    from sw_onnx.io import load_model, resolve_model_path, save_model
+    from sw_onnx.io import save_model
     from sw_onnx.passes.ablate import ScaleWeightsPass
 
     t0 = time.perf_counter()
     if not math.isfinite(scale):
         raise UsageError(f"--scale {scale}: use a finite number")
-    src, out = resolve_model_path(input_path), Path(output_path)
-    check_output(src, out, force=force)
     coords = normalize_coordinates(coordinates)
     if not coords:
         raise UsageError("no weight to ablate (no super weight found or given)")
-    model = load_model(src)
     coords = validate_coordinates(model, coords, source)
     before = {c: _scalar(model, c) for c in coords}
     ScaleWeightsPass(coords, scale)(model)

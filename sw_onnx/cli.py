@@ -70,20 +70,15 @@ def detect(
     timings: TimingsOpt = False,
 ) -> None:
     """Find super activations and super weights, data-free (one onnxruntime pass per iteration)."""
+    from sw_onnx.api import detect_model
     from sw_onnx.detect import DetectConfig
-    from sw_onnx.detect import detect as run_detect
-    from sw_onnx.inputs import prompt_token_ids
-    from sw_onnx.io import load_model, resolve_model_path
+    from sw_onnx.io import resolve_model_path
     from sw_onnx.report import detect_report, format_detect_table, plot_detect
 
     config = DetectConfig(max_iterations=max_iterations, providers=execution_providers(provider))
     _check_output_folder(json_path, plot)
     path = resolve_model_path(model)
-    token_ids, source = prompt_token_ids(model, tokenizer=tokenizer, prompt=prompt)
-    progress(f"loading {path}")
-    loaded = load_model(path)
-    progress(f"prompt: {source}, {len(token_ids)} tokens")
-    result = run_detect(loaded, token_ids, config, progress=progress)
+    result, source = detect_model(model, config, tokenizer=tokenizer, prompt=prompt, progress=progress)
     report = detect_report(result, model_path=path, config=config, prompt=prompt, tokenizer=tokenizer, source=source)
     if json_path is not None:
         write_json(report, json_path, timings)

@@ -36,36 +36,28 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sw_onnx._version import __version__
-from sw_onnx.errors import ModelLoadError, UnsupportedGraphError, UsageError
+from sw_onnx.errors import UnsupportedGraphError, UsageError
 from sw_onnx.evaluate import text_token_ids
 
 if TYPE_CHECKING:  # pragma: no cover
-    import onnx_ir as ir
     import onnxruntime
 
 __all__ = [
-    "ABLATE_SCHEMA",
     "COMPARE_SCHEMA",
     "EVAL_SCHEMA",
-    "AblateResult",
-    "check_output",
     "CompareResult",
     "EvalResult",
     "GenerateResult",
-    "ablate_model",
     "compare_models",
-    "coordinates_from_report",
-    "detect_coordinates",
     "eos_token_ids",
     "evaluate_model",
     "generate",
@@ -73,18 +65,8 @@ __all__ = [
     "windows_for",
 ]
 
-EVAL_SCHEMA = "sw-onnx/eval"
-COMPARE_SCHEMA = "sw-onnx/compare"
-ABLATE_SCHEMA = "sw-onnx/ablate"
-SCHEMA_VERSION = 1
-DETECT_SCHEMA = "sw-onnx/detect"  # what --keep REPORT.json must be (sw_onnx.report.DETECT_SCHEMA)
+from sw_onnx.schema import COMPARE_SCHEMA, EVAL_SCHEMA, SCHEMA_VERSION  # noqa: E402
 
-# Files of an export folder that describe the model rather than hold it: copied beside an ablated model
-# written to another folder, so that eval/generate find its tokenizer and EOS there.
-SIDECAR_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "chat_template.jinja",
-)
 
 Progress = Callable[[int, int], None]
 
@@ -380,13 +362,16 @@ class GenerateResult:
 
 
 def eos_token_ids(model) -> set[int]:
-    """EOS ids of a model from config.json and generation_config.json beside it (empty if none)."""
+    """EOS ids of a model from config.json, generation_config.json and genai_config.json beside it (empty
+    if none)."""
+    from sw_onnx.genai import find_config, read_config
     from sw_onnx.io import resolve_model_path
 
     folder = Path(model)
     if not folder.is_dir():
         folder = resolve_model_path(model).parent
-    found: set[int] = set()
+    genai = find_config(folder)
+    found: set[int] = set(read_config(genai).eos_token_ids) if genai is not None else set()
     for name in ("config.json", "generation_config.json"):
         try:
             data = json.loads((folder / name).read_text(encoding="utf-8"))
@@ -508,219 +493,6 @@ def generate(
             step = np.asarray(seq, dtype=np.int64)
     return GenerateResult(prompt_ids=[int(t) for t in prompt], new_ids=new, stop_reason=stop,
                           used_kv_cache=bool(pairs), seconds=time.perf_counter() - t0)
-
-
-# ------------------------------------------------------------------------------------------------ ablate
-
-
-Coordinate = tuple[str, tuple[int, ...]]
-
-
-@dataclass
-class AblateResult:
-    """Outcome of :func:`ablate_model`: the weights changed (``before``/``after`` values) and files written."""
-
-    input_path: str
-    output_path: str
-    scale: float
-    weights: list[dict] = field(default_factory=list)
-    copied: list[str] = field(default_factory=list)
-    source: str = ""
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": ABLATE_SCHEMA, "schema_version": SCHEMA_VERSION, "tool_version": __version__,
-            "input": {"path": self.input_path}, "output": {"path": self.output_path}, "scale": self.scale,
-            "source": self.source, "weights": self.weights, "copied": self.copied,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-def _normalize_coordinates(coordinates: Iterable) -> list[Coordinate]:
-    out = []
-    for c in coordinates:
-        try:
-            name, index = c
-            out.append((str(name), tuple(int(i) for i in index)))
-        except (TypeError, ValueError):
-            raise UsageError(f"weight coordinate {c!r}: expected (initializer name, index tuple)") from None
-    return out
-
-
-def validate_coordinates(model: "ir.Model", coordinates: Iterable, source: str = "coordinates") -> list[Coordinate]:
-    """Check that every (initializer, index) exists in ``model``; return them normalized, without duplicates.
-
-    Raises:
-        UsageError: an unknown or non-constant initializer, a wrong index rank, or an index out of range.
-    """
-    coords = _normalize_coordinates(coordinates)
-    problems = []
-    unique: list[Coordinate] = []
-    for name, index in coords:
-        value = model.graph.initializers.get(name)
-        if value is None or value.const_value is None:
-            problems.append(f"no initializer {name!r}")
-            continue
-        shape = tuple(int(d) for d in value.const_value.shape.numpy())
-        if len(index) != len(shape) or any(i < 0 or i >= d for i, d in zip(index, shape)):
-            problems.append(f"index {list(index)} outside {name!r} of shape {list(shape)}")
-            continue
-        if not value.const_value.dtype.is_floating_point():
-            problems.append(f"{name!r} is not a float tensor ({value.const_value.dtype})")
-            continue
-        if (name, index) not in unique:
-            unique.append((name, index))
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise UsageError(f"{source} does not match the model: {'; '.join(problems[:3])}{more}",
-                         hint="use a report made by `sw-onnx detect` on this very model")
-    return unique
-
-
-def coordinates_from_report(path: str | os.PathLike) -> list[Coordinate]:
-    """The super weights of a ``sw-onnx detect --json`` report as (initializer, index) coordinates.
-
-    Raises:
-        UsageError: unreadable file, not a ``sw-onnx/detect`` report, or malformed entries.
-    """
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{p}: no such report") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UsageError(f"{p}: not a readable JSON report ({e})") from None
-    if not isinstance(data, dict) or data.get("schema") != DETECT_SCHEMA:
-        got = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise UsageError(f"{p}: not a sw-onnx detect report (schema {got!r}, expected {DETECT_SCHEMA!r})",
-                         hint="write one with `sw-onnx detect MODEL --json REPORT.json`")
-    weights = data.get("super_weights")
-    if not isinstance(weights, list):
-        raise UsageError(f"{p}: no super_weights list")
-    coords = []
-    for n, sw in enumerate(weights):
-        if not isinstance(sw, dict) or not isinstance(sw.get("initializer"), str) or not isinstance(sw.get("index"), list):
-            raise UsageError(f"{p}: super_weights[{n}] lacks an initializer name or an index list")
-        coords.append((sw["initializer"], tuple(sw["index"])))
-    return _normalize_coordinates(coords)
-
-
-def detect_coordinates(model, *, tokenizer=None, providers: Sequence[str] | None = None,
-                       progress: Callable[[str], None] | None = None) -> list[Coordinate]:
-    """Run ``sw-onnx detect`` (default prompt) on a fresh load of ``model``; its super weights' coordinates."""
-    from sw_onnx.detect import DetectConfig, detect
-    from sw_onnx.inputs import prompt_token_ids
-    from sw_onnx.io import load_model
-
-    ids, _ = prompt_token_ids(model, tokenizer=tokenizer)
-    result = detect(load_model(model), ids, DetectConfig(providers=list(providers) if providers else None),
-                    progress=progress)
-    return [(sw.initializer, tuple(sw.index)) for sw in result.super_weights]
-
-
-def _external_files(model: "ir.Model", base: Path) -> set[Path]:
-    import onnx_ir as ir
-
-    files = set()
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            files.add(Path(os.path.abspath(tensor.path if tensor.base_dir else base / tensor.location)))
-    return files
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:  # pragma: no cover
-        return False
-
-
-def check_output(input_path: str | os.PathLike, output_path: str | os.PathLike, *, force: bool = False) -> tuple[Path, Path]:
-    """(input .onnx, output path) after checking that the output can be written: not a folder, not the input,
-    in an existing folder, and not an existing file unless ``force``.
-
-    Raises:
-        ModelLoadError: no input model.
-        UsageError: a bad output path.
-    """
-    from sw_onnx.io import resolve_model_path
-
-    src = resolve_model_path(input_path)
-    out = Path(output_path)
-    if out.is_dir():
-        raise UsageError(f"-o {out}: is a folder", hint="name the .onnx file to write, e.g. -o out/model.onnx")
-    if os.path.abspath(out) == os.path.abspath(src) or _same_file(out, src):
-        raise UsageError(f"-o {out}: is the input model", hint="write the ablated model to another path")
-    if not out.parent.is_dir():
-        raise UsageError(f"-o {out}: folder {out.parent} does not exist")
-    if out.exists() and not force:
-        raise UsageError(f"-o {out}: exists", hint="pass --force to replace it")
-    return src, out
-
-
-def ablate_model(
-    input_path: str | os.PathLike,
-    output_path: str | os.PathLike,
-    coordinates: Iterable,
-    scale: float = 0.0,
-    *,
-    force: bool = False,
-    copy_sidecars: bool = True,
-    source: str = "coordinates",
-) -> AblateResult:
-    """Write a copy of the model with the weight scalars at ``coordinates`` multiplied by ``scale``.
-
-    The output is written atomically (temporary name, then rename), never over the input or its external
-    data. When it goes to another folder, the input folder's config/tokenizer files are copied beside it
-    (unless already there), so that ``eval``/``generate`` work on it as they do on the input.
-
-    Args:
-        coordinates: (initializer name, index in the initializer's own layout), e.g. ``SuperWeight.index``.
-        scale: the factor (0 prunes).
-        force: replace an existing output.
-
-    Raises:
-        UsageError: no coordinates, an output that is the input or exists (without ``force``), coordinates
-            that do not exist in the model, a non-finite scale.
-        ModelLoadError: the input is not a readable model.
-    """
-    from sw_onnx.io import load_model, save_model
-    from sw_onnx.passes.ablate import ScaleWeightsPass
-
-    t0 = time.perf_counter()
-    if not math.isfinite(scale):
-        raise UsageError(f"--scale {scale}: use a finite number")
-    src, out = check_output(input_path, output_path, force=force)
-    coords = _normalize_coordinates(coordinates)
-    if not coords:
-        raise UsageError("no weight to ablate (no super weight found or given)")
-    model = load_model(src)
-    externals = _external_files(model, src.parent)
-    for target in (out, Path(f"{out}.data")):
-        if Path(os.path.abspath(target)) in externals:
-            raise UsageError(f"-o {out}: would overwrite the input's external data {target}",
-                             hint="write the ablated model to another folder")
-    coords = validate_coordinates(model, coords, source)
-    before = {c: _scalar(model, c) for c in coords}
-    ScaleWeightsPass(coords, scale)(model)
-    weights = [{"initializer": name, "index": list(index), "before": before[(name, index)],
-                "after": _scalar(model, (name, index))} for name, index in coords]
-    save_model(model, out)
-    copied = []
-    if copy_sidecars and os.path.abspath(out.parent) != os.path.abspath(src.parent):
-        for name in SIDECAR_FILES:
-            if (src.parent / name).is_file() and not (out.parent / name).exists():
-                shutil.copy2(src.parent / name, out.parent / name)
-                copied.append(name)
-    return AblateResult(input_path=str(src), output_path=str(out), scale=float(scale), weights=weights,
-                        copied=copied, source=source, seconds=time.perf_counter() - t0)
-
-
-def _scalar(model: "ir.Model", coordinate: Coordinate) -> float:
-    name, index = coordinate
-    return float(model.graph.initializers[name].const_value.numpy()[index])
 
 
 # ------------------------------------------------------------------------------------------------ helpers

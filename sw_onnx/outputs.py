@@ -43,7 +43,7 @@ def check_output(src: Path, out: Path, *, force: bool = False) -> None:
     if out.exists() and out.is_dir():
         raise UsageError(f"-o {out}: is a folder", hint="name the .onnx file to write")
     if out.resolve() == src.resolve() or data_path(out).resolve() == src.resolve():
-        raise UsageError(f"-o {out}: would overwrite the input", hint="choose another output name")
+        raise UsageError(f"-o {out}: would overwrite the input model", hint="choose another output name")
     if not out.parent.is_dir():
         what = "is not a folder" if out.parent.exists() else "does not exist"
         raise UsageError(f"-o {out}: folder {out.parent} {what}", hint="create it, or write somewhere else")

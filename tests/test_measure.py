@@ -15,14 +15,13 @@ from onnx import numpy_helper
 
 from sample_models import build_sample_model
 from sw_onnx.errors import UsageError
-from sw_onnx.measure import (
-    ablate_model,
-    compare_models,
-    coordinates_from_report,
-    evaluate_model,
-    generate,
-    windows_for,
-)
+from sw_onnx.api import ablate_model, detect_coordinates
+from sw_onnx.coordinates import read_detect_report
+from sw_onnx.measure import compare_models, evaluate_model, generate, windows_for
+
+
+def coordinates_from_report(path):
+    return read_detect_report(path).coordinates
 
 VOCAB = 256
 
@@ -281,7 +280,6 @@ def test_cli_ablate_with_detect_report(samples, run_cli, tmp_path):
 
 
 def test_detect_coordinates_find_the_planted_pair(samples):
-    from sw_onnx.measure import detect_coordinates
 
     assert set(detect_coordinates(samples["optimum"].path)) == set(_planted(samples["optimum"]))
 

@@ -46,7 +46,7 @@ class InstrumentLinearStatsPass(ir.passes.InPlacePass):
         probe = _Probe(graph, model.opset_imports.get("", 13))
         for layer in self.layers:
             tag = f"{OUTPUT_PREFIX}{layer.position}"
-            x_abs = probe.channel_stats(layer.input, layer.k, f"{tag}/in", "in", layer.position)
+            probe.channel_stats(layer.input, layer.k, f"{tag}/in", "in", layer.position)
             y_abs = probe.channel_stats(layer.output, layer.n, f"{tag}/out", "out", layer.position)
             peak_per_token = probe.reduce_max(y_abs, axis=1, name=f"{tag}/out/token_max")
             token = append_op(graph, "ArgMax", [peak_per_token], {"axis": 0, "keepdims": 1}, name=f"{tag}/peak_token")
