@@ -249,8 +249,11 @@ def _weight_source(g: _Graph, name: str):
 
 
 def _is_linear(g: _Graph, i: int) -> bool:
+    """MatMul, or Gemm without transA, whose weight (input 1) is a constant 2-D initializer."""
     n = g.nodes[i]
-    return n.op_type == "MatMul" and _weight_source(g, n.input[1]) is not None
+    if n.op_type == "Gemm" and _attr(n, "transA", 0):
+        return False
+    return n.op_type in ("MatMul", "Gemm") and _weight_source(g, n.input[1]) is not None
 
 
 @dataclass
@@ -335,7 +338,7 @@ def _classify(g: _Graph, tensors: list, undecided: set) -> _Group:
             n = g.nodes[i]
             if n.op_type in ELEMENTWISE or n.op_type in LAST_AXIS_NORMS:
                 pass
-            elif n.op_type == "MatMul" and _is_linear(g, i) and n.output[0] == t:
+            elif _is_linear(g, i) and n.output[0] == t:
                 grp.linear_out.append(i)
             elif (n.op_type == "Gather" and n.input[0] in g.inits and len(g.inits[n.input[0]].dims) == 2
                   and _attr(n, "axis", 0) == 0):
@@ -359,7 +362,7 @@ def _classify(g: _Graph, tensors: list, undecided: set) -> _Group:
                     continue
                 grp.problems.append(f"{t} reduced by {n.name} over axes {axes}")
                 continue
-            if op == "MatMul" and k == 0 and _is_linear(g, i):
+            if k == 0 and _is_linear(g, i):
                 grp.linear_in.append(i)
                 continue
             grp.problems.append(f"{t} is read by {op} {n.name} (input {k})")
@@ -471,16 +474,32 @@ class Plan:
             self.claimed[name].add(use)
 
 
-def _request_weight(g: _Graph, plan: Plan, node_idx: int, role: str, perm: np.ndarray) -> str:
-    """role 'K' (rows of [K, N]) or 'N' (columns) of the MatMul's effective weight."""
+def _weight_axis(g: _Graph, node_idx: int, role: str) -> tuple[str, int]:
+    """(initializer, axis) holding role 'K' (rows of the effective [K, N] weight) or 'N' (its columns)."""
     n = g.nodes[node_idx]
     name, swapped, _chain = _weight_source(g, n.input[1])
     axis = {"K": 0, "N": 1}[role]
-    if swapped:
+    if swapped != bool(n.op_type == "Gemm" and _attr(n, "transB", 0)):
         axis = 1 - axis
+    return name, axis
+
+
+def _request_weight(g: _Graph, plan: Plan, node_idx: int, role: str, perm: np.ndarray) -> str:
+    """role 'K' (rows of [K, N]) or 'N' (columns) of the MatMul's effective weight."""
+    n = g.nodes[node_idx]
+    name, axis = _weight_axis(g, node_idx, role)
     if g.inits[name].dims[axis] != len(perm):
         raise OffgridError(f"{n.name}: weight {name} axis {axis} has {g.inits[name].dims[axis]} != {len(perm)}")
     plan.request(name, axis, perm, use=(node_idx, 1))
+    if role == "N" and n.op_type == "Gemm" and len(n.input) > 2 and n.input[2]:
+        bias = n.input[2]
+        dims = list(g.inits[bias].dims) if bias in g.inits else None
+        if dims is None:
+            raise OffgridError(f"{n.name}: bias {bias} is not an initializer")
+        if dims and dims[-1] == len(perm):
+            plan.request(bias, len(dims) - 1, perm, use=(node_idx, 2))
+        elif dims and dims[-1] != 1:
+            raise OffgridError(f"{n.name}: bias {bias} of shape {dims}")
     return name
 
 
@@ -526,6 +545,7 @@ def plan_offgrid(model, source: Path, seed: int) -> Plan:
     d = res.size
     res_perm = rng.permutation(d)
     res_names = apply_group(res, res_perm)
+    plan.summary["vocab"] = int(g.inits[res.embedding and g.nodes[res.embedding[0]].input[0]].dims[0])
     plan.summary["residual"] = {"size": d, "new_to_old": res_perm.tolist(),
                                 "old_to_new": np.argsort(res_perm).tolist(),
                                 "reads": len(res_names["reads"]), "writes": len(res_names["writes"]),
@@ -548,10 +568,9 @@ def plan_offgrid(model, source: Path, seed: int) -> Plan:
         raise OffgridError("config.json with num_attention_heads/num_key_value_heads is needed for the v/o heads")
     for v_i, o_i in pairs:
         nq, nkv, hd = heads
-        v_name, v_sw, _ = _weight_source(g, g.nodes[v_i].input[1])
-        o_name, o_sw, _ = _weight_source(g, g.nodes[o_i].input[1])
-        v_n = g.inits[v_name].dims[0 if v_sw else 1]
-        o_k = g.inits[o_name].dims[1 if o_sw else 0]
+        v_name, v_axis = _weight_axis(g, v_i, "N")
+        o_name, o_axis = _weight_axis(g, o_i, "K")
+        v_n, o_k = g.inits[v_name].dims[v_axis], g.inits[o_name].dims[o_axis]
         if v_n != nkv * hd or o_k != nq * hd or nq % nkv:
             raise OffgridError(f"{g.nodes[v_i].name}/{g.nodes[o_i].name}: shapes {v_n}, {o_k} do not match "
                                f"{nkv} kv heads, {nq} heads of {hd}")
@@ -650,7 +669,10 @@ def grid_error(w: np.ndarray, block: int = 32, bits: int = 4) -> float:
     return float(np.sqrt(np.mean(err ** 2)) / np.sqrt(np.mean(b ** 2)))
 
 
-def _text_ids(source: Path, n_tokens: int) -> np.ndarray:
+def _text_ids(source: Path, n_tokens: int, vocab: int) -> np.ndarray:
+    """WikiText-2 through the folder's tokenizer.json; without one, seeded random ids below `vocab`."""
+    if not (source / "tokenizer.json").is_file():
+        return np.random.default_rng(0).integers(0, vocab, size=(1, n_tokens), dtype=np.int64)
     from tokenizers import Tokenizer
 
     wikitext = os.environ.get("SW_ONNX_WIKITEXT")
@@ -669,14 +691,32 @@ def compare_logits(a_path: Path, b_path: Path, ids: np.ndarray) -> dict:
     """Max |logit difference| of two models on `ids` (ORT CPU, fp32), and argmax agreement."""
     import onnxruntime as ort
 
-    from sample_models.export_smollm2 import _feeds
+    def feeds(sess):
+        out = {}
+        for inp in sess.get_inputs():
+            rank = len(inp.shape)
+            if inp.name == "attention_mask":
+                out[inp.name] = np.ones_like(ids)
+            elif "position" in inp.name:
+                out[inp.name] = np.arange(ids.shape[1], dtype=np.int64).reshape(ids.shape if rank == 2 else (-1,))
+            elif inp.type in ("tensor(int64)", "tensor(int32)") and rank in (1, 2):
+                out[inp.name] = (ids if rank == 2 else ids[0]).astype(np.int32 if "32" in inp.type else np.int64)
+            elif inp.name.startswith("past_key_values"):
+                shape = [1 if i == 0 else (0 if i == 2 else d) for i, d in enumerate(inp.shape)]
+                if any(not isinstance(d, int) for d in shape):
+                    raise OffgridError(f"cannot build an empty cache for {inp.name} {inp.shape}")
+                out[inp.name] = np.zeros(shape, dtype=np.float16 if "float16" in inp.type else np.float32)
+            else:
+                raise OffgridError(f"no feed for model input {inp.name} {inp.type} {inp.shape}")
+        return out
 
     def run(path):
         so = ort.SessionOptions()
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
-        out = dict(zip(names, sess.run(None, _feeds(sess, ids, None, 0))))["logits"]
+        out = dict(zip(names, sess.run(None, feeds(sess))))
+        out = out["logits"] if "logits" in out else out[names[0]]
         del sess
         return out
 
@@ -741,7 +781,7 @@ def make_offgrid(source: str | os.PathLike | None = None, *, seed: int = 0, out_
                  **{k: plan.summary[k] for k in ("residual", "mlp", "attention", "heads", "counts")}}) + "\n",
                 encoding="utf-8")
             t_write = time.perf_counter() - t0 - t_load - t_plan
-            ids = _text_ids(source, tokens)
+            ids = _text_ids(source, tokens, plan.summary["vocab"])
             check = compare_logits(source / "model.onnx", tmp / "model.onnx", ids)
             _log(f"logits vs source on {check['tokens']} tokens: max |diff| {check['max_abs_diff']:.3g} "
                  f"(range {check['logit_range'][0]:.1f}..{check['logit_range'][1]:.1f}), argmax agreement "
