@@ -669,6 +669,19 @@ def grid_error(w: np.ndarray, block: int = 32, bits: int = 4) -> float:
     return float(np.sqrt(np.mean(err ** 2)) / np.sqrt(np.mean(b ** 2)))
 
 
+def grid_levels(w: np.ndarray, block: int = 32) -> tuple[float, int]:
+    """(median, max) number of distinct values per block of `block` along K of a [K, N] MatMul weight.
+
+    A dequantized 4-bit GGUF block (Q4_1, Q4_K) holds at most 16 distinct values whatever its scale/min search
+    did (min-max RTN recovers Q4_1 exactly, not Q4_K, whose scales are optimised); off the grid a block of 32
+    mixes 32 GGUF blocks and holds about 30."""
+    w = np.asarray(w)
+    k, n = w.shape
+    b = np.sort(w[: (k // block) * block].reshape(k // block, block, n), axis=1)
+    distinct = 1 + (np.diff(b, axis=1) != 0).sum(axis=1)
+    return float(np.median(distinct)), int(distinct.max())
+
+
 def _text_ids(source: Path, n_tokens: int, vocab: int) -> np.ndarray:
     """WikiText-2 through the folder's tokenizer.json; without one, seeded random ids below `vocab`."""
     if not (source / "tokenizer.json").is_file():
