@@ -112,6 +112,25 @@ def is_complete(folder: Path) -> bool:
     return all((folder / f).is_file() for f in (MARKER, "model.onnx", PERMUTATION_FILE))
 
 
+def _source_stamp(source: Path) -> dict:
+    """What the copy was built from: the source folder and its model files' sizes and mtimes."""
+    files = sorted(p for p in source.iterdir() if p.is_file() and p.name.startswith("model.onnx"))
+    return {"path": str(source), "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+
+
+def _stale(out: Path, source: Path, seed: int) -> str | None:
+    """Why a complete copy does not fit the request (another source, a changed source, another seed)."""
+    try:
+        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "unreadable marker"
+    if marker.get("seed") != seed:
+        return f"built with seed {marker.get('seed')}"
+    if marker.get("source_stamp") != _source_stamp(source):
+        return "built from another or a changed source"
+    return None
+
+
 # --------------------------------------------------------------------------------------------- graph
 
 
@@ -606,6 +625,11 @@ def plan_offgrid(model, source: Path, seed: int) -> Plan:
         "groups_left_alone": sum(1 for c in classified if c is not res and c not in mlps
                                  and (c.linear_in or c.linear_out)),
     }
+    # linear layers whose K axis stays as it was (e.g. behind a fused attention op or a packed gate_up)
+    unpermuted = [g.nodes[i].name for i in range(len(g.nodes))
+                  if _is_linear(g, i) and _weight_axis(g, i, "K") not in plan.axes]
+    plan.summary["counts"]["k_unpermuted"] = len(unpermuted)
+    plan.summary["k_unpermuted_layers"] = unpermuted
     plan.summary["heads"] = None if heads is None else {"heads": heads[0], "kv_heads": heads[1], "head_dim": heads[2]}
     return plan
 
@@ -761,25 +785,32 @@ def make_offgrid(source: str | os.PathLike | None = None, *, seed: int = 0, out_
     if not (source / "model.onnx").is_file():
         raise OffgridError(f"{source} holds no model.onnx")
     out = Path(out_dir).expanduser().absolute() if out_dir is not None else default_out_dir(source, seed)
-    if is_complete(out):
+    if is_complete(out) and _stale(out, source, seed) is None:
         _log(f"already complete: {out}", quiet)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(out.parent / f".{out.name}.lock"):
         if is_complete(out):
-            _log(f"already complete: {out}", quiet)
-            return out
+            why = _stale(out, source, seed)
+            if why is None:
+                _log(f"already complete: {out}", quiet)
+                return out
+            _log(f"{out} is stale ({why}): rebuilding it", quiet)
+        stamp = _source_stamp(source)
         t0 = time.perf_counter()
         model = onnx.load(str(source / "model.onnx"))
         t_load = time.perf_counter() - t0
         plan = plan_offgrid(model, source, seed)
         t_plan = time.perf_counter() - t0 - t_load
         c = plan.summary["counts"]
+        if c["k_unpermuted"]:
+            _log(f"warning: the K axis of {c['k_unpermuted']} linear layer(s) is not permuted (still on the grid): "
+                 f"{plan.summary['k_unpermuted_layers'][:4]}", quiet)
         _log(f"residual {plan.summary['residual']['size']}, {c['mlp_groups']} MLP groups, "
              f"{c['attention_pairs']} v/o pairs; {c['axes_permuted']} axes of {c['initializers_permuted']} "
              f"tensors over {c['linear_layers']} linear layers", quiet)
         apply_plan(model, plan)
-        weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+        weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
             tmp = Path(tmp)
             if weight_bytes > EXTERNAL_DATA_ABOVE:
@@ -795,7 +826,8 @@ def make_offgrid(source: str | os.PathLike | None = None, *, seed: int = 0, out_
                 {"format": 1, "seed": seed, "source": str(source),
                  "convention": "W_new[..., i] = W_old[..., new_to_old[i]]; old channel c is new channel "
                                "old_to_new[c]",
-                 **{k: plan.summary[k] for k in ("residual", "mlp", "attention", "heads", "counts")}}) + "\n",
+                 **{k: plan.summary[k] for k in ("residual", "mlp", "attention", "heads", "counts",
+                                                 "k_unpermuted_layers")}}) + "\n",
                 encoding="utf-8")
             t_write = time.perf_counter() - t0 - t_load - t_plan
             ids = _text_ids(source, tokens, plan.summary["vocab"])
@@ -806,7 +838,7 @@ def make_offgrid(source: str | os.PathLike | None = None, *, seed: int = 0, out_
             if not np.isfinite(check["max_abs_diff"]) or check["max_abs_diff"] > LOGITS_TOLERANCE:
                 raise OffgridError(f"the permuted model's logits differ by {check['max_abs_diff']} "
                                    f"(> {LOGITS_TOLERANCE}): the permutation is not function-preserving")
-            marker = {"format": MARKER_FORMAT, "source": str(source), "seed": seed,
+            marker = {"format": MARKER_FORMAT, "source": str(source), "source_stamp": stamp, "seed": seed,
                       "external_data": weight_bytes > EXTERNAL_DATA_ABOVE, "counts": plan.summary["counts"],
                       "verify": check,
                       "seconds": {"load": round(t_load, 1), "plan": round(t_plan, 1), "write": round(t_write, 1),

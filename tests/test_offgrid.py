@@ -10,6 +10,8 @@ external data, KV cache) in about a second.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import numpy as np
 import onnx
@@ -44,7 +46,7 @@ def samples(tmp_path_factory):
     from sample_models.build import build_sample_model
 
     root = tmp_path_factory.mktemp("offgrid-samples")
-    return {v: build_sample_model(v, root / "src") for v in ("optimum", "gemm", "fp16", "external", "kvcache")}
+    return {v: build_sample_model(v, root / "src") for v in ("optimum", "gemm", "fp16", "external", "kvcache", "clean")}
 
 
 @pytest.mark.parametrize("variant", ["optimum", "gemm", "fp16", "external", "kvcache"])
@@ -56,6 +58,7 @@ def test_sample_models_keep_their_function_and_planted_super_weights(samples, va
     assert marker["verify"]["max_abs_diff"] < 1e-4 and marker["verify"]["argmax_agreement"] == 1.0
     perm = json.loads((out / PERMUTATION_FILE).read_text())
     assert perm["counts"]["mlp_groups"] == 4 and perm["counts"]["attention_pairs"] == 4
+    assert perm["counts"]["k_unpermuted"] == 0
     res = perm["residual"]
     assert sorted(res["new_to_old"]) == list(range(64)) and res["new_to_old"] != list(range(64))
     # the planted super weights are where permutation.json says they moved
@@ -84,6 +87,18 @@ def test_idempotent_and_seeded(samples, tmp_path):
     assert (a / "model.onnx").read_bytes() == (b / "model.onnx").read_bytes()
     assert (a / "model.onnx").read_bytes() != (c / "model.onnx").read_bytes()
     assert not any(p.name.startswith(".") and "tmp" in p.name for p in tmp_path.iterdir())
+
+
+def test_a_changed_source_or_seed_rebuilds(samples, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(samples["clean"].path.parent, src)
+    out = make_offgrid(src, seed=0, out_dir=tmp_path / "og", tokens=16, quiet=True)
+    first = json.loads((out / PERMUTATION_FILE).read_text())["residual"]["new_to_old"]
+    assert make_offgrid(src, seed=2, out_dir=out, tokens=16, quiet=True) == out  # another seed: rebuilt
+    assert json.loads((out / PERMUTATION_FILE).read_text())["residual"]["new_to_old"] != first
+    os.utime(src / "model.onnx", ns=(1, 1))  # as if re-exported
+    make_offgrid(src, seed=2, out_dir=out, tokens=16, quiet=True)
+    assert json.loads((out / ".complete").read_text())["source_stamp"]["files"]["model.onnx"][1] == 1
 
 
 def test_grid_error_sees_a_q4_1_grid():
@@ -134,7 +149,7 @@ def test_smollm2_offgrid_logits_equal(smollm2, smollm2_offgrid):
 def test_smollm2_offgrid_every_linear_layer_left_the_grid(smollm2, smollm2_offgrid, smollm2_weights):
     perm = json.loads((smollm2_offgrid / PERMUTATION_FILE).read_text())
     assert perm["counts"] == {"initializers_permuted": 272, "axes_permuted": 422, "linear_layers": 211,
-                              "mlp_groups": 30, "attention_pairs": 30, "groups_left_alone": 0}
+                              "mlp_groups": 30, "attention_pairs": 30, "groups_left_alone": 0, "k_unpermuted": 0}
     old, new = smollm2_weights
     model = onnx.load(str(smollm2 / "model.onnx"), load_external_data=False)
     weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in old]
@@ -201,7 +216,7 @@ def test_gemma3_offgrid_logits_equal_and_q4k_layers_leave_the_grid(gemma3):
     assert check["max_abs_diff"] < 1e-2 and check["argmax_agreement"] == 1.0
     perm = json.loads((out / PERMUTATION_FILE).read_text())
     assert perm["counts"]["mlp_groups"] == 18 and perm["counts"]["attention_pairs"] == 18
-    assert perm["counts"]["groups_left_alone"] == 0
+    assert perm["counts"]["groups_left_alone"] == 0 and perm["counts"]["k_unpermuted"] == 0
     # every o_proj is Q4_K in the GGUF (4-bit, optimised scale and min per sub-block of 32 along K): at most
     # 16 distinct values per block of 32, which min-max RTN does not recover but a searching quantizer can
     old, new = _inits(gemma3 / "model.onnx"), _inits(out / "model.onnx")
