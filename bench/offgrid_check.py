@@ -67,8 +67,9 @@ def _grid_table(src: Path, og: Path) -> dict:
             rows[kind][f"{tag}_rtn"].append(grid_error(w))
             rows[kind][f"{tag}_levels"].append(med)
             rows[kind][f"{tag}_le16"].append(share)
-    return {k: {m: [float(np.min(v)), float(np.median(v)), float(np.max(v))] for m, v in d.items()} | {"layers": len(d["orig_rtn"])}
-            for k, d in rows.items()}
+    spread = {k: {m: [float(np.min(v)), float(np.median(v)), float(np.max(v))] for m, v in d.items()}
+              for k, d in rows.items()}
+    return {k: {**v, "layers": len(rows[k]["orig_rtn"])} for k, v in spread.items()}
 
 
 def _ppl_bos(model: Path, ids: np.ndarray, bos: int, windows: int) -> float:
@@ -139,22 +140,25 @@ def main(argv=None) -> int:
     for r in results:
         lg = r["logits"]
         print(f"\n### {r['model']} (seed {args.seed})\n")
-        print(f"logits: max |diff| {lg['max_abs_diff']:.3g}, mean {lg['mean_abs_diff']:.2g} over {lg['tokens']} tokens "
-              f"(range {lg['logit_range'][0]:.1f}..{lg['logit_range'][1]:.1f}), argmax agreement {lg['argmax_agreement']:.4f}")
-        ppl = f"perplexity ({args.windows} x 512, no BOS): original {r['ppl_orig']:.4f}, off-grid {r['ppl_offgrid']:.4f} " \
-              f"(mean NLL {r['nll_orig']:.6f} / {r['nll_offgrid']:.6f})"
+        print(f"logits: max |diff| {lg['max_abs_diff']:.3g}, mean {lg['mean_abs_diff']:.2g} over {lg['tokens']} "
+              f"tokens (range {lg['logit_range'][0]:.1f}..{lg['logit_range'][1]:.1f}), argmax agreement "
+              f"{lg['argmax_agreement']:.4f}")
+        ppl = (f"perplexity ({args.windows} x 512, no BOS): original {r['ppl_orig']:.4f}, off-grid "
+               f"{r['ppl_offgrid']:.4f} (mean NLL {r['nll_orig']:.6f} / {r['nll_offgrid']:.6f})")
         if "ppl_bos_orig" in r:
             ppl += f"; BOS + 511: {r['ppl_bos_orig']:.4f} / {r['ppl_bos_offgrid']:.4f}"
         print(ppl)
         print(f"build: {r['build_seconds'] or r['cached_build_seconds']} s; {r['counts']}\n")
         print("| projection | layers | int4 b32 min-max RTN error, original (min / median / max) | off-grid | "
-              "distinct values per block of 32, original (median of layers) | off-grid | blocks with <= 16, original | off-grid |")
+              "distinct values per block of 32, original (median of layers) | off-grid | "
+              "blocks with <= 16, original | off-grid |")
         print("|---|---|---|---|---|---|---|---|")
         for kind, g in r["grid"].items():
             def f(v):
                 return " / ".join(f"{x:.3g}" for x in v)
-            print(f"| {kind} | {g['layers']} | {f(g['orig_rtn'])} | {f(g['offgrid_rtn'])} | {g['orig_levels'][1]:.0f} | "
-                  f"{g['offgrid_levels'][1]:.0f} | {g['orig_le16'][1]:.0%} | {g['offgrid_le16'][1]:.0%} |")
+            print(f"| {kind} | {g['layers']} | {f(g['orig_rtn'])} | {f(g['offgrid_rtn'])} | "
+                  f"{g['orig_levels'][1]:.0f} | {g['offgrid_levels'][1]:.0f} | {g['orig_le16'][1]:.0%} | "
+                  f"{g['offgrid_le16'][1]:.0%} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -48,9 +48,7 @@ import time
 import zipfile
 from pathlib import Path
 
-try:  # as a module (python -m sample_models.export_gemma3, tests) or as a script
-    import sample_models.export_smollm2  # noqa: F401
-except ImportError:  # pragma: no cover
+if __package__ in (None, ""):  # run as a script (python sample_models/export_gemma3.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sample_models.export_smollm2 import (  # noqa: E402
@@ -361,7 +359,8 @@ def build_hf_folder(gguf_path: Path, hf_dir: Path, workdir: Path, quiet: bool = 
         fast.chat_template = vocab["chat_template"]
 
     cfg = model.config
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = meta["bos_token_id"], meta["eos_token_id"], meta["pad_token_id"]
+    cfg.bos_token_id, cfg.eos_token_id = meta["bos_token_id"], meta["eos_token_id"]
+    cfg.pad_token_id = meta["pad_token_id"]
     cfg._name_or_path = f"google/gemma-3-270m (from {PACKAGE} Q4_K_M GGUF, dequantized)"
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -435,7 +434,6 @@ def sanity_check(folder: Path, model, quiet: bool = False) -> dict:
                                "tokenizer or export is wrong")
         result["wikitext_window1_ppl"] = plain
         result["wikitext_window1_ppl_bos"] = with_bos
-    del sess
     return result
 
 
