@@ -9,7 +9,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
@@ -87,3 +86,110 @@ def test_cli_reports_a_bad_config_in_one_line_with_exit_1(genai_sample, tmp_path
     result = run_cli(command, folder, *args)
     assert result.returncode == 1, result.stderr
     assert "outside the model's folder" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Detect and quantize through the contrib ops
+
+
+def _truth(sample) -> list[dict]:
+    return json.loads((sample.path.parent / "ground_truth.json").read_text())["super_weights"]
+
+
+def test_detect_finds_the_planted_super_weight_through_contrib_ops(genai_sample, run_cli, tmp_path):
+    report = tmp_path / "r.json"
+    result = run_cli("detect", genai_sample.path.parent, "--json", report)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(report.read_text())
+    expected = _truth(genai_sample)
+    got = [{k: sw[k] for k in ("node", "initializer", "row", "col", "index")} for sw in found["super_weights"]]
+    assert got == [{k: sw[k] for k in ("node", "initializer", "row", "col", "index")} for sw in expected]
+    assert found["super_weights"][0]["value"] == pytest.approx(expected[0]["value"], rel=1e-6)
+    # The residual stream runs through SkipSimplifiedLayerNormalization's sum output: origin and persistence.
+    assert [a["channel"] for a in found["super_activations"]] == [genai_sample.super_activation_channel]
+    assert found["super_activations"][0]["carried_fraction"] >= 0.5
+
+
+def test_quantize_writes_a_complete_genai_folder_that_runs(genai_sample, tmp_path, run_cli):
+    src = _copy(genai_sample, tmp_path)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    summary_path = tmp_path / "summary.json"
+    result = run_cli("quantize", src, "--json", summary_path)  # the bare command: a sibling folder
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "model-uint4-b32"
+    summary = json.loads(summary_path.read_text())
+    assert summary["output"]["path"] == str(out)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # the input is untouched
+    assert {"model.onnx", "model.onnx.data", "genai_config.json"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "model.onnx"
+    v, t = summary["verification"], summary["totals"]
+    assert t["quantized"] == t["linear_layers"] == 21  # 4 x (qkv, o, gate, up, down) + lm_head
+    assert v["matmulnbits"] == v["expected_fused"] == 21 and v["dequantize_linear"] == 0 and not v["not_fused"]
+    assert v["checker"].startswith("skipped: uses onnxruntime ops")
+    kept = [k for layer in summary["layers"] for k in layer["kept"]]
+    assert [k["index"] for k in kept] == [sw["index"] for sw in _truth(genai_sample)]
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        assert "not installed" in v["genai"]["error"]
+    else:
+        assert v["genai"]["ran"] and len(v["genai"]["new_tokens"]) == 8
+    from sw_onnx.inputs import build_feeds
+    from sw_onnx.io import open_session
+
+    session = open_session(out)  # the folder's config sizes the symbolic KV-cache axes
+    logits = session.run(["logits"], build_feeds(session, [1, 5, 9]))[0]
+    assert logits.shape == (1, 3, 256)
+    again = run_cli("quantize", src)
+    assert again.returncode == 2 and "already exists" in again.stderr  # nothing replaced by surprise
+
+
+def test_quantize_refuses_to_write_into_the_input_folder(genai_sample, tmp_path, run_cli):
+    src = _copy(genai_sample, tmp_path)
+    result = run_cli("quantize", src, "-o", src / "q")
+    assert result.returncode == 2 and "input folder" in result.stderr
+
+
+def test_loader_still_refuses_an_op_nothing_knows(genai_sample, tmp_path, run_cli):
+    src = _copy(genai_sample, tmp_path)
+    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    node = next(n for n in model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization")
+    node.op_type = "SkipSimplifiedLayerNormalizationX"
+    onnx.save(model, str(src / "model.onnx"))
+    result = run_cli("detect", src)
+    assert result.returncode == 1
+    assert "SkipSimplifiedLayerNormalizationX" in result.stderr and "nor does the installed onnxruntime" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# A merged decoder: both decoders in the branches of one If, sharing their weights
+
+
+@pytest.fixture(scope="module")
+def merged_sample(tmp_path_factory):
+    return build_sample_model("merged", tmp_path_factory.mktemp("merged"))
+
+
+def test_detect_sees_inside_the_if(merged_sample, run_cli, tmp_path):
+    report = tmp_path / "r.json"
+    result = run_cli("detect", merged_sample.path, "--json", report)
+    assert result.returncode == 0, result.stderr
+    got = sorted((sw["initializer"], tuple(sw["index"])) for sw in json.loads(report.read_text())["super_weights"])
+    assert got == sorted((sw["initializer"], tuple(sw["index"])) for sw in _truth(merged_sample))
+
+
+def test_quantize_each_shared_weight_once_in_both_branches(merged_sample, tmp_path, run_cli):
+    out, summary_path = tmp_path / "q.onnx", tmp_path / "s.json"
+    result = run_cli("quantize", merged_sample.path, "-o", out, "--json", summary_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(summary_path.read_text())
+    layers = [layer for layer in summary["layers"] if layer["action"] == "quantized"]
+    assert len(layers) == 58 and len({layer["initializer"] for layer in layers}) == 29  # 2 branches x 29
+    model = onnx.load(str(out))
+    names = [t.name for t in model.graph.initializer]
+    packed = [n for n in names if n.endswith("/B")]
+    assert len(packed) == 29  # one quantized copy per shared float weight
+    assert not {layer["initializer"] for layer in layers} & set(names)  # the float weights are gone
+    v = summary["verification"]
+    assert v["passed"] and v["matmulnbits"] == 58 and not v["not_fused"]

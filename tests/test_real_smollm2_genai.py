@@ -86,3 +86,64 @@ def test_refuses_bad_precision_and_foreign_folders(tmp_path):
     with pytest.raises(RuntimeError, match="did not write"):
         export_smollm2_genai(tmp_path / "busy", quiet=True)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------
+# sw-onnx on the builder's graph, against the same weights exported by optimum
+
+
+@pytest.fixture(scope="module")
+def quantized(folders, tmp_path_factory):
+    """The default `sw-onnx quantize` of both graphs (each in its own folder, tokenizer files beside)."""
+    import shutil
+
+    from sw_onnx.quantize import quantize_model
+
+    genai, optimum = folders
+    root = tmp_path_factory.mktemp("quantized")
+    genai_out = root / "genai"
+    genai_summary = quantize_model(genai, genai_out)
+    (root / "optimum").mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(optimum / name, root / "optimum" / name)
+    optimum_summary = quantize_model(optimum / "model.onnx", root / "optimum" / "model.onnx")
+    return genai_out, genai_summary, root / "optimum", optimum_summary
+
+
+def test_detect_finds_the_same_layer_11_super_weights_as_on_the_optimum_export(folders):
+    from sw_onnx.api import detect_model
+
+    genai, optimum = folders
+    found = {}
+    for name, folder in (("genai", genai), ("optimum", optimum)):
+        result, _ = detect_model(folder)
+        found[name] = {(sw.layer, sw.row, sw.col) for sw in result.super_weights}
+    assert {(11, 507, 1229), (11, 507, 1487)} <= found["genai"]
+    assert found["genai"] == found["optimum"]  # the earlier, weaker ones too (same weights, same rule)
+
+
+def test_quantized_folder_runs_in_onnxruntime_genai_and_matches_the_optimum_quantization(quantized):
+    from sw_onnx.evaluate import text_token_ids
+    from sw_onnx.measure import evaluate_model
+
+    genai_out, genai_summary, optimum_out, optimum_summary = quantized
+    v = genai_summary.verification
+    assert v["matmulnbits"] == v["expected_fused"] == 151 and not v["not_fused"]
+    assert v["genai"]["ran"] and len(v["genai"]["new_tokens"]) == 8  # one greedy generation through og
+    model = og.Model(str(genai_out))
+    tokenizer = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    prompt = tokenizer.encode("Summer is hot. Winter is")
+    params.set_search_options(do_sample=False, max_length=len(prompt) + 12)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    text = tokenizer.decode(generator.get_sequence(0)[len(prompt):])
+    assert len(text.split()) >= 3, text  # words, not an empty or broken sequence
+    # Same quantization, same windows: the two graphs' perplexities agree within 1% (measured: 34.83 vs
+    # 34.86 on 8 windows).
+    ids, _ = text_token_ids(genai_out)
+    ppl = {name: evaluate_model(folder, ids, max_tokens=2048).perplexity
+           for name, folder in (("genai", genai_out), ("optimum", optimum_out))}
+    assert abs(ppl["genai"] / ppl["optimum"] - 1) < 0.01, ppl
