@@ -97,64 +97,72 @@ def verify_quantized(
     """
     started = time.perf_counter()
     result = VerifyResult(expected_fused=len(quantized_nodes))
-    result.checker = _check(path)
-    if result.checker != "ok" and not result.checker.startswith("skipped"):
-        result.failures.append(f"onnx checker: {result.checker}")
-        result.seconds = time.perf_counter() - started
-        return result
-
-    from sw_onnx.inputs import build_feeds, logits_output_name
-
     try:
-        if reference_logits is not None:
-            out_name, reference_logits = reference_logits
-        else:
-            from sw_onnx.io import load_model, open_session
-
-            # The original's weights are fed from memory maps whose pages are dropped as the run goes, so its
-            # run does not hold the whole fp32 model (bench/large_model.py: 2.4 GB -> 0.4 GB peak RSS).
-            ref_session = open_session(load_model(reference), providers, stream_weights=True)
-            out_name = logits_output_name(ref_session)
-            reference_logits = ref_session.run([out_name], build_feeds(ref_session, token_ids))[0]
-            del ref_session
-    except Exception as e:
-        result.failures.append(f"the original model does not run in onnxruntime: {_first_line(e)}")
-        result.seconds = time.perf_counter() - started
+        result.checker = _check(path)
+        if result.checker != "ok" and not result.checker.startswith("skipped"):
+            result.failures.append(f"onnx checker: {result.checker}")
+            return result
+        try:
+            out_name, reference = reference_logits or _reference_logits(reference, token_ids, providers)
+        except Exception as e:
+            result.failures.append(f"the original model does not run in onnxruntime: {_first_line(e)}")
+            return result
+        try:
+            logits = _run_quantized(path, out_name, token_ids, quantized_nodes, result, providers, input_dims)
+        except Exception as e:
+            result.failures.append(f"the quantized model does not load or run in onnxruntime: {_first_line(e)}")
+            return result
+        _judge(result, out_name, logits, reference, min_top1_agreement)
         return result
+    finally:
+        result.seconds = time.perf_counter() - started
+
+
+def _reference_logits(reference, token_ids, providers) -> tuple[str, np.ndarray]:
+    """The original's logits on `token_ids` (when detection did not already give them)."""
+    from sw_onnx.inputs import build_feeds, logits_output_name
+    from sw_onnx.io import load_model, open_session
+
+    # The original's weights are fed from memory maps whose pages are dropped as the run goes, so its run
+    # does not hold the whole fp32 model (bench/large_model.py: 2.4 GB -> 0.4 GB peak RSS).
+    session = open_session(load_model(reference), providers, stream_weights=True)
+    out_name = logits_output_name(session)
+    return out_name, session.run([out_name], build_feeds(session, token_ids))[0]
+
+
+def _run_quantized(path, out_name: str, token_ids, quantized_nodes, result: VerifyResult, providers,
+                   input_dims) -> np.ndarray:
+    """Load the written file as a user would (fusion counted from onnxruntime's optimized graph) and run it."""
+    from sw_onnx.inputs import build_feeds
 
     # Beside the file under test (quantize's temporary folder in the output's folder), not in /tmp: sw-onnx
     # writes only where it was told to, and a full disk there is the output's disk.
     with tempfile.TemporaryDirectory(prefix=".sw-onnx-verify-", dir=Path(path).parent) as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        try:
-            session = _session(path, ["CPUExecutionProvider"], optimized=optimized, input_dims=input_dims)
-            counts, not_fused = fusion_report(optimized, quantized_nodes)
-            result.matmulnbits = counts.get("MatMulNBits", 0)
-            result.dequantize_linear = counts.get("DequantizeLinear", 0)
-            result.not_fused = not_fused
-            if providers and list(providers) != ["CPUExecutionProvider"]:
-                del session
-                session = _session(path, providers, input_dims=input_dims)
-            logits = session.run([out_name], build_feeds(session, token_ids))[0]
+        session = _session(path, ["CPUExecutionProvider"], optimized=optimized, input_dims=input_dims)
+        counts, result.not_fused = fusion_report(optimized, quantized_nodes)
+        result.matmulnbits = counts.get("MatMulNBits", 0)
+        result.dequantize_linear = counts.get("DequantizeLinear", 0)
+        if providers and list(providers) != ["CPUExecutionProvider"]:
             del session
-        except Exception as e:
-            result.failures.append(f"the quantized model does not load or run in onnxruntime: {_first_line(e)}")
-            result.seconds = time.perf_counter() - started
-            return result
+            session = _session(path, providers, input_dims=input_dims)
+        return session.run([out_name], build_feeds(session, token_ids))[0]
 
+
+def _judge(result: VerifyResult, out_name: str, logits: np.ndarray, reference: np.ndarray,
+           min_top1_agreement: float | None) -> None:
+    not_fused = result.not_fused
     if not_fused:
         names = ", ".join(f"{d['node']} ({d['reason']})" for d in not_fused[:5])
         more = f" and {len(not_fused) - 5} more" if len(not_fused) > 5 else ""
         result.failures.append(f"{len(not_fused)} quantized layer(s) not fused into MatMulNBits: {names}{more}")
-    result.logits = _compare_logits(out_name, logits, reference_logits)
+    result.logits = _compare_logits(out_name, logits, reference)
     if not result.logits["finite"]:
         result.failures.append("the quantized model's logits hold NaN or infinite values")
     elif min_top1_agreement is not None and result.logits["top1_agreement"] < min_top1_agreement:
         result.failures.append(
             f"top-1 agreement with the original {result.logits['top1_agreement']:.0%} is below {min_top1_agreement:.0%}"
         )
-    result.seconds = time.perf_counter() - started
-    return result
 
 
 def _check(path) -> str:
