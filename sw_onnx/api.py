@@ -38,7 +38,6 @@ if TYPE_CHECKING:  # heavy imports stay out of `sw-onnx --help`
 __all__ = ["AblateResult", "QuantizeSummary", "ablate_model", "ablate_super_weights", "detect_coordinates", "default_output_path", "detect_model", "quantize_model"]
 
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-_AHEAD_BUDGET_BYTES = 256 << 20  # quantized tensors held for the rewrite at most (bounded for large models)
 # Files of an export folder that describe the model rather than hold it: copied beside an ablated model
 # written to another folder, so that eval/generate find its tokenizer and EOS there.
 SIDECAR_FILES = (
@@ -217,9 +216,8 @@ def quantize_model(
 def _write_quantized(run: _Run, tmp: Path) -> tuple[QuantPlan, QuantizeSummary]:
     """Load, analyze, plan, rewrite and save to `tmp`; the model is released when this returns.
 
-    The analysis works on a copy taken before the opset upgrade (it runs the model as it is), while a thread
-    already quantizes the layers the analysis cannot change (`quantize_ahead`): onnxruntime releases the
-    GIL, so on two cores the kernels' work overlaps the analysis' sessions.
+    The analysis works on a clone taken before the opset upgrade (it runs the model as loaded); clones share
+    the memory-mapped weights, so the input is read once.
     """
     from sw_onnx.io import save_model, stores_weights_externally
     from sw_onnx.plan import build_quant_plan
@@ -229,18 +227,12 @@ def _write_quantized(run: _Run, tmp: Path) -> tuple[QuantPlan, QuantizeSummary]:
     run.input_dims = _input_dims(run.src, model)
     pristine = model.clone()
     types = _upgrade_opset(run, model)
-    ahead, stop, worker = _quantize_ahead(run, model, types)
-    try:
-        _analyze(run, model, pristine)
-    finally:
-        stop.set()
-        if worker is not None:
-            worker.join()
+    _analyze(run, model, pristine)
     del pristine
     t1 = time.perf_counter()
     plan = build_quant_plan(model, run.config, keep=run.keep, ranges=run.ranges,
                             accuracy_levels=run.accuracy_levels, types=types)
-    _rewrite(run, model, plan, ahead)
+    _rewrite(run, model, plan)
     summary = _summary(run, model, plan)
     summary.seconds["detect"] = t1 - t0
     estimated = sum(p.quantized_bytes for p in plan.quantized) + _unquantized_bytes(model)
@@ -258,23 +250,6 @@ def _input_dims(src: Path, model: ir.Model) -> dict:
     from sw_onnx.kvcache import cache_dim_hints
 
     return cache_dim_hints(src if find_config(src) is not None else model)
-
-
-def _quantize_ahead(run: _Run, model: ir.Model, types):
-    """Start quantizing, on a thread, the layers of a plan made without the analysis (weight-only formats)."""
-    import threading
-
-    from sw_onnx.passes.quantize_weights import QuantizedParts, quantize_ahead
-    from sw_onnx.plan import build_quant_plan
-
-    ahead, stop = QuantizedParts(), threading.Event()
-    if run.config.activations != "none":
-        return None, stop, None
-    provisional = build_quant_plan(model, run.config, types=types)
-    worker = threading.Thread(target=quantize_ahead, args=(model, provisional, ahead),
-                              kwargs={"budget_bytes": _AHEAD_BUDGET_BYTES, "stop": stop}, name="sw-onnx-ahead", daemon=True)
-    worker.start()
-    return ahead, stop, worker
 
 
 def _genai_config(input_path):
@@ -459,7 +434,7 @@ def _upgrade_opset(run: _Run, model: ir.Model):
     return value_types(model, structure) if structure is not None else None
 
 
-def _rewrite(run: _Run, model: ir.Model, plan: QuantPlan, ahead) -> None:
+def _rewrite(run: _Run, model: ir.Model, plan: QuantPlan) -> None:
     """The passes, in order: channel keep-out, then the weights (or W8A8); each reads only the plan."""
     import onnx_ir as ir
 
@@ -470,7 +445,7 @@ def _rewrite(run: _Run, model: ir.Model, plan: QuantPlan, ahead) -> None:
     if not plan.quantized:
         reasons = sorted({p.reason for p in plan.layers}) or ["no linear layer found"]
         raise UnsupportedGraphError(f"nothing to quantize: {'; '.join(reasons)[:300]}", hint="check --exclude and --lm-head")
-    weights = QuantizeW8A8Pass(plan) if run.config.activations == "int8" else QuantizeWeightsPass(plan, ahead)
+    weights = QuantizeW8A8Pass(plan) if run.config.activations == "int8" else QuantizeWeightsPass(plan)
     ir.passes.Sequential(KeepOutActivationChannelsPass(plan), weights)(model)
 
 

@@ -31,7 +31,7 @@ from sw_onnx.passes.opset import INT4_MIN_IR_VERSION, QDQ_MIN_OPSET
 from sw_onnx.passes._rewrite import GraphBuilder, codes_tensor, layers_by_name, remove_orphans, replace_output, side_path, tensor_bytes
 from sw_onnx.plan import LayerPlan, QuantPlan, gemm_parameters, kernel_block_size
 
-__all__ = ["MS_DOMAIN", "QuantizeWeightsPass", "QuantizedParts", "quantize_ahead"]
+__all__ = ["MS_DOMAIN", "QuantizeWeightsPass"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     Attributes:
         plan: the `QuantPlan`; the pass writes each layer's ``quantized_node`` and ``quantized_bytes``.
-        ahead: layers already quantized with these very settings (`quantize_ahead`), used instead of
-            quantizing again when the model is saved.
     """
 
-    def __init__(self, plan: QuantPlan, ahead: QuantizedParts | None = None):
+    def __init__(self, plan: QuantPlan):
         super().__init__()
         self.plan = plan
-        self.ahead = ahead
         for p in self._layers():  # bad clip options fail now, not at save time inside a lazy tensor
             quantize_blockwise(np.zeros((1, 1), np.float32), bits=p.bits, block_size=p.block_size or None,
                                symmetric=p.symmetric, clip=p.clip, zscore=p.zscore)
@@ -70,59 +67,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         axes0: list[ir.Value] = []  # one shared [0] for every Unsqueeze/Squeeze
         shared: dict[tuple, tuple[list[ir.Value], set[int]]] = {}  # one quantized weight per initializer and If
         for p in planned:
-            _rewrite_layer(model.graph, layers[p.node], p, axes0, shared, self.ahead)
+            _rewrite_layer(model.graph, layers[p.node], p, axes0, shared)
         if any(p.form == "nbits" for p in planned):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         if any(p.form != "nbits" and p.bits == 4 for p in planned):
             model.ir_version = max(model.ir_version or 0, INT4_MIN_IR_VERSION)
         logger.info("quantized %d of %d linear layers", len(planned), len(self.plan.layers))
         return ir.passes.PassResult(model, modified=bool(planned))
-
-
-class QuantizedParts:
-    """Quantized tensors computed ahead of the rewrite, by what determines them (initializer, quantizer
-    settings, alpha, kept-out coordinates): a layer whose final plan matches takes them instead of
-    quantizing again. Each entry is handed out once."""
-
-    def __init__(self):
-        self._parts: dict[tuple, dict[str, np.ndarray | None]] = {}
-        self._lock = threading.Lock()
-        self.nbytes = 0
-
-    @staticmethod
-    def key(p: LayerPlan, alpha: float) -> tuple:
-        return (p.initializer, p.bits, p.block_size, p.symmetric, p.clip, p.zscore, p.form == "nbits", float(alpha),
-                tuple(p.side_keep))
-
-    def put(self, key: tuple, parts: dict[str, np.ndarray | None]) -> None:
-        with self._lock:
-            self._parts[key] = parts
-            self.nbytes += sum(a.nbytes for a in parts.values() if a is not None)
-
-    def take(self, key: tuple) -> dict[str, np.ndarray | None] | None:
-        with self._lock:
-            return self._parts.pop(key, None)
-
-
-def quantize_ahead(model: ir.Model, plan: QuantPlan, ahead: QuantizedParts, *, budget_bytes: int,
-                   stop: threading.Event) -> None:
-    """Quantize `plan`'s layers in order into `ahead` until `stop` is set or `budget_bytes` are held.
-
-    Run on a thread while the analysis runs onnxruntime (which releases the GIL): the kernels' work then
-    overlaps it. Layers whose final plan differs (kept-out weights, super-activation rows) are simply
-    quantized again at save time.
-    """
-    layers = layers_by_name(model)
-    for p in plan.layers:
-        if stop.is_set() or ahead.nbytes >= budget_bytes:
-            return
-        if p.quantized and p.form in ("qdq", "qdq-3d", "nbits") and not p.sa_channels and p.node in layers:
-            alpha = gemm_parameters(layers[p.node].node)[0]
-            try:
-                parts = _LayerQuantizer(layers[p.node], p, alpha).quantize()
-            except Exception:  # e.g. a non-finite weight: the rewrite meets it again and reports it properly
-                return
-            ahead.put(QuantizedParts.key(p, alpha), parts)
 
 
 class _LayerQuantizer:
@@ -132,8 +83,8 @@ class _LayerQuantizer:
     A part asked for again later (a second save) is simply recomputed.
     """
 
-    def __init__(self, layer: LinearLayer, plan: LayerPlan, alpha: float, ahead: QuantizedParts | None = None):
-        self.chain, self.plan, self.alpha, self.ahead = layer.weight, plan, alpha, ahead
+    def __init__(self, layer: LinearLayer, plan: LayerPlan, alpha: float):
+        self.chain, self.plan, self.alpha = layer.weight, plan, alpha
         self.part_names = {"B", "scales"} if plan.form == "nbits" else {"q", "scale"}
         if not plan.symmetric:
             self.part_names.add("zp")
@@ -144,8 +95,7 @@ class _LayerQuantizer:
     def get(self, part: str) -> np.ndarray:
         with self._lock:
             if self._parts is None:
-                taken = self.ahead.take(QuantizedParts.key(self.plan, self.alpha)) if self.ahead and not self.plan.sa_channels else None
-                self._parts = taken if taken is not None else self.quantize()
+                self._parts = self.quantize()
             array = self._parts[part]
             self._taken.add(part)
             if self._taken >= self.part_names:
@@ -170,15 +120,14 @@ class _LayerQuantizer:
         return {"q": qw.q, "scale": qw.scale, "zp": qw.zero_point}
 
 
-def _rewrite_layer(main_graph: ir.Graph, layer: LinearLayer, p: LayerPlan, axes0: list[ir.Value], shared: dict,
-                   ahead: QuantizedParts | None) -> None:
+def _rewrite_layer(main_graph: ir.Graph, layer: LinearLayer, p: LayerPlan, axes0: list[ir.Value], shared: dict) -> None:
     node = layer.node
     graph = node.graph if node.graph is not None else main_graph  # an If branch's own graph, or the main one
     prefix = f"{layer.name}/sw_onnx_q"
     if any(name.startswith(prefix + "/") for name in main_graph.initializers):  # two nodes share a name
         prefix = f"{layer.name}/sw_onnx_q{layer.position}"
     alpha, beta, bias = gemm_parameters(node)
-    lq = _LayerQuantizer(layer, p, alpha, ahead)
+    lq = _LayerQuantizer(layer, p, alpha)
     b = GraphBuilder(graph, main_graph)
     x, old_weight = node.inputs[0], node.inputs[1]
     write = _write_nbits if p.form == "nbits" else _write_qdq
