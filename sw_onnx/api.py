@@ -118,13 +118,20 @@ class QuantizeSummary:
         forms: dict[str, int] = {}
         for d in q:
             forms[d.form] = forms.get(d.form, 0) + 1
+        from sw_onnx.plan import layer_bits
+
         quant_bytes = sum(d.quantized_bytes for d in q)
         weights = sum(d.k * d.n for d in q)
+        bits = {"codes": 0, "scales": 0, "zero_points": 0, "side": 0}
+        for d in q:
+            for key, value in layer_bits(d).items():
+                bits[key] += value
         return {
             "linear_layers": len(self.layers), "quantized": len(q), "skipped": len(self.layers) - len(q),
             "forms": forms, "kept_out": sum(len(d.kept) for d in q),
             "float_weight_bytes": sum(d.float_bytes for d in q), "quantized_weight_bytes": quant_bytes,
-            "bits_per_weight": round(8 * quant_bytes / weights, 3) if weights else None,
+            "weights": weights, "bit_count": bits,
+            "bits_per_weight": round(sum(bits.values()) / weights, 4) if weights else None,
         }
 
     def to_dict(self) -> dict:

@@ -23,7 +23,7 @@ from sw_onnx.discover import LinearLayer, find_linear_layers, find_lm_head
 if TYPE_CHECKING:  # pragma: no cover
     from sw_onnx.analyze.input_stats import InputRange
 
-__all__ = ["ActivationPlan", "LayerPlan", "QuantPlan", "block_label", "build_quant_plan", "kernel_block_size"]
+__all__ = ["ActivationPlan", "LayerPlan", "QuantPlan", "block_label", "build_quant_plan", "kernel_block_size", "layer_bits"]
 
 _FLOAT_WEIGHTS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 # The JSON "layers" entries of schema sw-onnx/quantize v1, in this order; the plan's other fields follow.
@@ -68,6 +68,8 @@ class LayerPlan:
         activation: W8A8 input quantization, else None.
         compute_dtype: the float type the layer multiplies in (ONNX element type).
         float_bytes: bytes of the float weight; quantized_bytes, quantized_node: written by the passes.
+        bits_per_weight: `layer_bits` over ``k * n``: codes, scales, zero points and the float side paths
+            (kept-out weights, super-activation rows), as the passes write them (0 when skipped).
     """
 
     node: str
@@ -101,10 +103,16 @@ class LayerPlan:
     def quantized(self) -> bool:
         return self.action == "quantized"
 
+    @property
+    def bits_per_weight(self) -> float:
+        return sum(layer_bits(self).values()) / (self.k * self.n) if self.quantized else 0.0
+
     def to_dict(self) -> dict:
         d = asdict(self)
         for internal in ("side_keep", "compute_dtype", "lift_3d"):
             d.pop(internal)
+        d["bits_per_weight"] = round(self.bits_per_weight, 4)
+        d["bit_count"] = layer_bits(self) if self.quantized else None
         return {**{k: d.pop(k) for k in _V1_FIELDS}, **d}
 
 
@@ -148,6 +156,36 @@ def kernel_block_size(block_size: int, k: int, form: str) -> int:
     if form != "nbits":
         return k
     return max(16, 1 << (k - 1).bit_length())
+
+
+_FLOAT_BITS = {int(ir.DataType.FLOAT): 32, int(ir.DataType.FLOAT16): 16, int(ir.DataType.BFLOAT16): 16}
+
+
+def layer_bits(p: LayerPlan) -> dict[str, int]:
+    """The bits a quantized layer costs, as the passes write them: ``codes``, ``scales``, ``zero_points``
+    (padding of the nbits layout included) and ``side`` (float side paths: the kept-out weights' matrix and
+    column indices, and the super-activation rows ``[len(sa_channels), N]``).
+
+    Bits per weight = their sum over ``k * n``: what an equal-bits comparison counts.
+    """
+    k, n, bits = p.k, p.n, p.bits
+    float_bits = _FLOAT_BITS.get(p.compute_dtype or int(ir.DataType.FLOAT), 32)
+    if p.form == "w8a8":
+        scale_bits, nblocks, code_bits = 32, 1, 8 * k * n
+    else:
+        bs = kernel_block_size(p.block_size, k, p.form or "qdq")
+        nblocks, scale_bits = -(-k // bs), float_bits
+        code_bits = n * nblocks * bs * bits if p.form == "nbits" else k * n * bits
+    zp_bits = 0
+    if not p.symmetric:
+        zp_bits = n * -(-nblocks // 2) * 8 if p.form == "nbits" and bits == 4 else n * nblocks * (4 if bits == 4 else 8)
+        if p.form == "w8a8":
+            zp_bits = 8 * n
+    cols = len({c for c, _, _ in p.side_keep})
+    side = cols * (n * float_bits + 64) + len(p.sa_channels) * n * float_bits
+    if p.activation is not None and p.activation.channels:  # W8A8's float rows of the restored entries
+        side += len(p.activation.channels) * n * 32
+    return {"codes": code_bits, "scales": n * nblocks * scale_bits, "zero_points": zp_bits, "side": side}
 
 
 # ----------------------------------------------------------------------------------------------
