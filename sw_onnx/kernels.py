@@ -135,6 +135,7 @@ def quantize_blockwise(
     weighting: Weighting | None = None,
     mse_grid: int | None = None,
     keep_out: np.ndarray | list[tuple[int, int]] | None = None,
+    importance: np.ndarray | None = None,
 ) -> QuantizedWeight:
     """Quantize a float32 weight ``w[K, N]`` in blocks of ``block_size`` rows along K.
 
@@ -167,6 +168,10 @@ def quantize_blockwise(
             default) or ``"none"`` (plain squared error); only allowed with that mode.
         mse_grid: number of shrink factors for ``clip="mse"`` (>= 1, default ``DEFAULT_MSE_GRID``);
             only allowed with that mode.
+        importance: float [K] >= 0, for ``clip="mse"`` only: each row's error is further weighted by the
+            importance of its input channel (E[x_k^2], as llama.cpp's imatrix), so the search minimises
+            ``sum(importance_k * weight * (w - deq)**2)``, the expected squared output error when the inputs
+            are uncorrelated. None: all 1.
         keep_out: weights kept out of the quantizer: a bool mask [K, N] or (k, n) coordinates
             (sequence of pairs or int array [M, 2]). They are left out of their block's range,
             statistics and error, and get the code that dequantizes to exactly 0 (the zero point, or 0
@@ -193,6 +198,7 @@ def quantize_blockwise(
     qmin, qmax = _code_range(bits, symmetric)
     z, weight_mode, grid = _check_clip_options(clip, zscore, weighting, mse_grid)
     excluded = _keep_out_mask(keep_out, w.shape)
+    imp_blocks = _importance_blocks(importance, k, bs, clip)
 
     nblocks = -(-k // bs)
     q = np.empty((k, n), np.int8 if symmetric else np.uint8)
@@ -210,7 +216,7 @@ def quantize_blockwise(
         hi = range_blocks.max(axis=1, keepdims=True)
         del range_blocks, valid
         if clip == "mse":
-            s, zp = _search_mse(blocks, lo, hi, bits, symmetric, weight_mode, grid)
+            s, zp = _search_mse(blocks, lo, hi, bits, symmetric, weight_mode, grid, imp_blocks)
         else:
             s, zp = _scale_zero_point(lo, hi, bits, symmetric)
         q[:, sl] = _round_codes(blocks, s, zp, qmin, qmax).reshape(nblocks * bs, -1)[:k]
@@ -416,6 +422,22 @@ def _check_clip_options(
     return z, weight_mode, int(grid)
 
 
+def _importance_blocks(importance: np.ndarray | None, k: int, bs: int, clip: str) -> np.ndarray | None:
+    """The importance as float32 [nblocks, B, 1] (ragged tail 0), or None."""
+    if importance is None:
+        return None
+    if clip != "mse":
+        raise ValueError("importance is only used with clip='mse'")
+    imp = np.asarray(importance, dtype=np.float64).reshape(-1)
+    if imp.shape != (k,) or not np.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError(f"importance must be {k} finite values >= 0, got shape {imp.shape}")
+    nblocks = -(-k // bs)
+    out = np.zeros(nblocks * bs, np.float32)
+    top = float(imp.max())
+    out[:k] = imp / top if top > 0 else 1.0  # scale-free: only the ratios matter
+    return out.reshape(nblocks, bs, 1)
+
+
 def _keep_out_mask(
     keep_out: np.ndarray | list[tuple[int, int]] | None, shape: tuple[int, int]
 ) -> np.ndarray | None:
@@ -541,6 +563,7 @@ def _search_mse(
     symmetric: bool,
     weighting: str,
     grid: int,
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-block scale and zero point of ``clip="mse"`` (see `quantize_blockwise`).
 
@@ -567,8 +590,9 @@ def _search_mse(
     def run(chunk: tuple[int, int]) -> None:
         r, c = chunk
         sl = (slice(r, r + rows), slice(None), slice(c, c + cols))
+        imp = None if importance is None else np.broadcast_to(importance[sl[0]], blocks[sl].shape)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # per thread
-            fam, idx = _search_chunk(blocks[sl], lo[sl], hi[sl], bits, families, weighting == "w2", factors)
+            fam, idx = _search_chunk(blocks[sl], lo[sl], hi[sl], bits, families, weighting == "w2", factors, imp)
         best_family[sl] = fam
         best_factor[sl] = idx
 
@@ -603,6 +627,7 @@ def _search_chunk(
     families: tuple[str, ...],
     weighted: bool,
     factors: np.ndarray,
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best (family index, factor index) per block of one chunk [rows, B, cols]: int8, int16 [rows, 1, cols].
 
@@ -619,6 +644,13 @@ def _search_chunk(
     hi = hi.reshape(-1)
     nblk = lo.size
     weight = np.square(x) if weighted else None
+    ends = np.stack([lo, hi])  # [2, nblk]: the elements a shrink clips first
+    end_weight = np.square(ends) if weighted else np.ones_like(ends)
+    if importance is not None:
+        imp = np.ascontiguousarray(importance.transpose(1, 0, 2), dtype=np.float32).reshape(bs, rows * cols)
+        weight = imp if weight is None else weight * imp
+        cols_idx = np.arange(rows * cols)  # the end elements' own importance keeps the bound exact
+        end_weight = end_weight * np.stack([imp[x.argmin(axis=0), cols_idx], imp[x.argmax(axis=0), cols_idx]])
     t = np.empty_like(x)
     c = np.empty_like(x)
     best_err = np.full(nblk, np.inf, dtype=np.float32)
@@ -626,8 +658,6 @@ def _search_chunk(
     best_factor = np.zeros(nblk, dtype=np.int16)
     half = 1 << (bits - 1)
     inv_factors = np.float32(1) / factors
-    ends = np.stack([lo, hi])  # [2, nblk]: the elements a shrink clips first
-    end_weight = np.square(ends) if weighted else np.ones_like(ends)
     distinct = (lo != hi).astype(np.float32)
     for fi, family in enumerate(families):
         if family == "sym":

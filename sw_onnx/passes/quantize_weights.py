@@ -68,7 +68,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         for p in planned:
             _rewrite_layer(model.graph, layers[p.node], p, axes0)
         if planned:
-            if self.plan.format == "nbits":
+            if any(p.form == "nbits" for p in planned):
                 model.opset_imports.setdefault(MS_DOMAIN, 1)
             elif any(p.bits == 4 for p in planned):
                 model.ir_version = max(model.ir_version or 0, INT4_MIN_IR_VERSION)
@@ -107,9 +107,12 @@ class _LayerQuantizer:
         w = self.chain.effective_weight()
         if self.alpha != 1.0:
             w = w * np.float32(self.alpha)
+        search = {}
+        if p.clip == "mse":
+            search = {"weighting": "none" if p.error_weight == "x2" else "w2", "importance": p.importance}
         qw = quantize_blockwise(
             w, bits=p.bits, block_size=kernel_block_size(p.block_size, w.shape[0], p.form), symmetric=p.symmetric,
-            clip=p.clip, zscore=p.zscore, keep_out=[(k, n) for k, n, _ in p.side_keep] or None,
+            clip=p.clip, zscore=p.zscore, keep_out=[(k, n) for k, n, _ in p.side_keep] or None, **search,
         )
         del w
         if p.form == "nbits":
@@ -187,6 +190,7 @@ def _write_nbits(b: GraphBuilder, layer: LinearLayer, p: LayerPlan, lq: _LayerQu
     attrs = {"K": k, "N": n, "bits": p.bits, "block_size": bs, "accuracy_level": p.accuracy_level}
     main = b.op("MatMulNBits", [x, *tensors], layer.name, attrs, output=f"{prefix}/matmulnbits_output", domain=MS_DOMAIN)
     p.quantized_node = layer.name
+    p.written = {part: t.name for part, t in zip(("B", "scales", "zp"), tensors)}
     return main, tensors
 
 
