@@ -13,7 +13,9 @@ blocks while the network computes the same function (up to fp32 summation order)
 - **MLP width**: one permutation per layer (gate/up columns, down_proj rows);
 - **attention values**: per kv head, a permutation of that head's v_proj columns, applied to the o_proj rows
   of every q head that reads it (grouped-query: q head j reads kv head ``j // (heads / kv_heads)``).
-  q/k columns are never permuted (RoPE pairs them; q/k norms are per head dimension).
+  q/k columns are never permuted (RoPE pairs them; q/k norms are per head dimension). A permutation across
+  heads would not preserve attention, so an o_proj block of 32 mixes only ``head_dim / 32`` GGUF blocks
+  (SmolLM2: 2, Gemma-3: 8); every other layer's K axis is permuted across all of it.
 
 Found **by structure**, not by names: tensors whose last axis is elementwise-aligned (Add, Mul, Div, Pow, Cast,
 ... and norm ops; a reduction over the last axis, e.g. RMSNorm's ReduceMean, is invariant) are joined with a
@@ -667,6 +669,21 @@ def grid_error(w: np.ndarray, block: int = 32, bits: int = 4) -> float:
     q = np.clip(np.round((b - lo) / scale), 0, levels)
     err = q * scale + lo - b
     return float(np.sqrt(np.mean(err ** 2)) / np.sqrt(np.mean(b ** 2)))
+
+
+def grid_levels(w: np.ndarray, block: int = 32) -> tuple[float, int, float]:
+    """Distinct values per block of `block` along K of a [K, N] MatMul weight: (median, max, share of blocks
+    with at most 16).
+
+    A dequantized 4-bit GGUF block (Q4_1, Q4_K) holds at most 16 distinct values whatever its scale/min search
+    did (min-max RTN recovers Q4_1 exactly, not Q4_K, whose scales are optimised). Off the grid a block of 32
+    mixes up to 32 GGUF blocks and holds about 30; o_proj's rows are only permuted within a head, so its
+    blocks mix head_dim / 32 GGUF blocks (2 on SmolLM2: median 18, a fifth of them still <= 16)."""
+    w = np.asarray(w)
+    k, n = w.shape
+    b = np.sort(w[: (k // block) * block].reshape(k // block, block, n), axis=1)
+    distinct = 1 + (np.diff(b, axis=1) != 0).sum(axis=1)
+    return float(np.median(distinct)), int(distinct.max()), float(np.mean(distinct <= 16))
 
 
 def _text_ids(source: Path, n_tokens: int, vocab: int) -> np.ndarray:
