@@ -183,6 +183,7 @@ class _Run:
     keep: list[Coordinate] = field(default_factory=list)
     ranges: dict | None = None
     importance: dict | None = None
+    sensitivity: dict | None = None
     accuracy_levels: dict[str, int] = field(default_factory=dict)
     reference_logits: tuple[str, np.ndarray] | None = None
     opset: dict = field(default_factory=dict)
@@ -289,6 +290,9 @@ def _analyze(run: _Run, model: ir.Model) -> None:
         run.accuracy_levels = _accuracy_levels(run, model, first_pass)
     if config.activations != "none" or config.sa_keep_out or config.uses_importance:
         _input_statistics(run, model)
+    if config.allocates and config.allocation == "damage" and _measures_sensitivity():
+        run.say("measuring each layer's int4 sensitivity on the prompt (bit allocation)")
+        run.sensitivity = _sensitivity(run, model)
 
 
 def _detect_for_keep(run: _Run, model: ir.Model):
@@ -302,6 +306,38 @@ def _detect_for_keep(run: _Run, model: ir.Model):
     run.ranges, run.reference_logits = result.input_ranges, result.reference_logits
     run.importance = result.input_importance
     return result
+
+
+def _measures_sensitivity() -> bool:
+    from sw_onnx import plan
+
+    return plan.ALLOCATION_DAMAGE == "measured"
+
+
+def _sensitivity(run: _Run, model: ir.Model) -> dict[str, float]:
+    """KL of each layer's int4 round-to-nearest (super-activation rows and kept weights left exact) on the
+    prompt, one layer at a time (`sw_onnx.analyze.sensitivity.layer_sensitivity`)."""
+    from sw_onnx.analyze.sensitivity import layer_sensitivity
+    from sw_onnx.discover import find_linear_layers
+    from sw_onnx.kernels import dequantize_blockwise, quantize_blockwise
+    from sw_onnx.plan import kernel_block_size
+
+    clone = model.clone()
+    layers, _ = find_linear_layers(clone)
+    channels = {node: r.channels for r in (run.ranges or {}).values() for node in r.nodes}
+    config = run.config
+
+    def replacement(layer):
+        if len(layer.weight.initializer.uses()) > 1:  # shared (a tied lm_head): the others would change too
+            return None
+        w = layer.weight.effective_weight()
+        block = kernel_block_size(config.block_size, layer.k, config.format) or None
+        q = dequantize_blockwise(quantize_blockwise(w, bits=config.bits, block_size=block, symmetric=config.symmetric))
+        rows = [c for c in channels.get(layer.name, []) if 0 <= c < layer.k] if config.sa_keep_out else []
+        q[rows] = w[rows]
+        return q
+
+    return layer_sensitivity(clone, layers, run.token_ids, replacement, providers=config.providers)
 
 
 def _read_keep_report(run: _Run, path: Path) -> None:
@@ -392,7 +428,7 @@ def _plan(run: _Run, model: ir.Model) -> QuantPlan:
     if structure is not None:  # the bump's weight-less copy spares serializing the graph again
         types = value_types(model, structure)
     return build_quant_plan(model, run.config, keep=run.keep, ranges=run.ranges, importance=run.importance,
-                            accuracy_levels=run.accuracy_levels, types=types)
+                            accuracy_levels=run.accuracy_levels, types=types, sensitivity=run.sensitivity)
 
 
 def _rewrite(run: _Run, model: ir.Model, plan: QuantPlan) -> None:

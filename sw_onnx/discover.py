@@ -80,6 +80,18 @@ class WeightChain:
         w = np.asarray(w, dtype=np.float32)
         return w.T if self.transposed else w
 
+    def to_initializer_layout(self, w: np.ndarray) -> np.ndarray:
+        """An effective ``[K, N]`` weight laid out as the initializer (the inverse of `effective_weight`), in
+        the initializer's dtype: what to feed in its place."""
+        x = w.T if self.transposed else w
+        shapes = [tuple(self.initializer.shape.numpy())] + [s for _, s, _ in self.steps]
+        for (op, _, perm), before in zip(reversed(self.steps), reversed(shapes[:-1])):
+            if op == "Transpose":
+                x = np.transpose(x, np.argsort(perm))
+            elif op == "Reshape":
+                x = x.reshape(before)
+        return np.ascontiguousarray(x.astype(self.initializer.const_value.numpy().dtype, copy=False))
+
     @property
     def layout(self) -> str:
         """`KN` when the initializer is stored `[in, out]` (ONNX MatMul), `NK` when `[out, in]` (torch)."""

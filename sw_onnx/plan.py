@@ -270,6 +270,7 @@ def build_quant_plan(
     importance: Mapping[str, InputImportance] | None = None,
     accuracy_levels: Mapping[str, int] | None = None,
     types: Mapping[str, tuple[int, int | None]] | None = None,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> QuantPlan:
     """Decide every linear layer's quantization.
 
@@ -286,6 +287,7 @@ def build_quant_plan(
         accuracy_levels: nbits: ``accuracy_level`` per node name (default 4).
         types: ``{value name: (elem type, rank)}`` for activations the graph does not declare
             (`sw_onnx.shapes.value_types`); computed here when needed and not given.
+        sensitivity: ``{node: KL}`` of each layer's int4 rounding on the prompt (bit allocation).
     """
     config.validate()
     layers, _ = find_linear_layers(model)
@@ -305,7 +307,8 @@ def build_quant_plan(
     plans = [(_plan_w8a8 if w8a8 else _plan_weight_only)(layer, ctx) for layer in layers]
     embeddings = _plan_embeddings(model, plans, config) if config.embedding_bits and not w8a8 else []
     if config.allocates:
-        allocate_bits(plans, {layer.name: layer for layer in layers}, ctx.importance, config, fixed=embeddings)
+        allocate_bits(plans, {layer.name: layer for layer in layers}, ctx.importance, config, fixed=embeddings,
+                      sensitivity=sensitivity)
     _share_tables(embeddings, {p.node: p for p in plans}, config)
     used = {(p.initializer, tuple(k["index"])) for p in plans if p.quantized for k in p.kept}
     unused = [(name, tuple(index)) for name, index in keep if (name, tuple(index)) not in used]
@@ -501,7 +504,8 @@ def _describe(plan: LayerPlan, wrap: bool) -> str:
 ALLOCATION_DAMAGE = "relative"
 """How the ``damage`` allocation compares layers: ``"relative"`` (each option's importance-weighted squared
 rounding error over the layer's importance-weighted squared weights: the relative output error, as HIGGS'
-linearity uses) or ``"absolute"`` (the error itself)."""
+linearity uses), ``"absolute"`` (the error itself) or ``"measured"`` (the KL its int4 rounding causes on the
+prompt, `sw_onnx.analyze.sensitivity.layer_sensitivity`, scaled per option by the error relative to int4)."""
 _SMALLEST_BLOCK = 32
 
 
@@ -511,14 +515,16 @@ class _Option:
     block_size: int
     cost: int  # bits, `layer_bits`
     damage: float = 0.0
+    relative: float = 0.0
 
 
 def allocate_bits(plans: Sequence[LayerPlan], layers: Mapping[str, LinearLayer],
                   importance: Mapping[str, InputImportance], config: QuantizeConfig,
-                  fixed: Sequence[EmbeddingPlan] = ()) -> None:
+                  fixed: Sequence[EmbeddingPlan] = (), sensitivity: Mapping[str, float] | None = None) -> None:
     """Set each quantized layer's ``bits``/``block_size`` within ``config.bits_per_weight`` (see
     `QuantizeConfig.allocation`); every layer starts at ``config.bits``/``config.block_size``. `fixed`:
     embedding tables counted in the budget at their own bits (a table tied to the lm_head counts as it).
+    `sensitivity`: measured KL per layer at int4 (`ALLOCATION_DAMAGE` ``"measured"``).
 
     Raises:
         UsageError: a budget below what every layer at its cheapest option costs.
@@ -538,6 +544,7 @@ def allocate_bits(plans: Sequence[LayerPlan], layers: Mapping[str, LinearLayer],
         choice = _kquant_choice(cands, budget - base)
     else:
         options = {p.node: _options(p, layers[p.node], importance) for p in cands}
+        _set_damage(options, sensitivity or {})
         choice = _damage_choice(cands, options, budget - base)
     for p in cands:
         bits, block = choice.get(p.node, (p.bits, p.block_size))
@@ -574,9 +581,27 @@ def _options(p: LayerPlan, layer: LinearLayer, importance: Mapping[str, InputImp
         err = np.square(w - dequantize_blockwise(q), dtype=np.float64).sum(axis=1)
         if p.sa_channels:
             err[p.sa_channels] = 0.0  # those rows stay float
-        damage = float(imp @ err) / (signal if ALLOCATION_DAMAGE == "relative" else 1.0)
-        options.append(_Option(bits, block, _cost(p, bits, block), damage))
+        options.append(_Option(bits, block, _cost(p, bits, block), float(imp @ err), float(imp @ err) / signal))
     return sorted(options, key=lambda o: o.cost)
+
+
+def _set_damage(options: Mapping[str, list[_Option]], sensitivity: Mapping[str, float]) -> None:
+    """Each option's damage by `ALLOCATION_DAMAGE` (measured: KL at the base option times the option's error
+    over the base's; a layer not measured gets the median KL per unit of relative error)."""
+    if ALLOCATION_DAMAGE == "absolute":
+        return
+    per_unit = [sensitivity[node] / opts[0].relative for node, opts in options.items()
+                if node in sensitivity and opts[0].relative > 0]
+    fallback = float(np.median(per_unit)) if per_unit else 1.0
+    for node, opts in options.items():
+        base = opts[0]
+        for o in opts:
+            if ALLOCATION_DAMAGE == "relative" or not sensitivity:
+                o.damage = o.relative
+            elif node in sensitivity and base.damage > 0:
+                o.damage = sensitivity[node] * o.damage / base.damage
+            else:
+                o.damage = fallback * o.relative
 
 
 def _damage_choice(cands: Sequence[LayerPlan], options: Mapping[str, list[_Option]], spare: float) -> dict:

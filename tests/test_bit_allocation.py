@@ -250,3 +250,49 @@ def test_tied_table_is_shared_with_the_lm_head(tied, tmp_path):
     assert t["embedding_weights"] == 0 and t["embedding_bits"] == 0  # counted once, as the lm_head
     separate, _ = _quantize(tied, tmp_path, embedding_bits=4, lm_head_bits=8)
     assert separate.embeddings[0].shared_with is None and separate.totals()["embedding_weights"] == table.size
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured sensitivity
+
+
+@pytest.mark.parametrize("variant", ["optimum", "gemm", "fp16"])
+def test_to_initializer_layout_inverts_effective_weight(variant, tmp_path):
+    from sw_onnx.discover import find_linear_layers
+    from sw_onnx.io import load_model
+
+    sample = build_sample_model(variant, tmp_path)
+    for layer in find_linear_layers(load_model(sample.path))[0]:
+        stored = layer.weight.initializer.const_value.numpy()
+        back = layer.weight.to_initializer_layout(layer.weight.effective_weight())
+        assert back.dtype == stored.dtype and back.shape == stored.shape
+        np.testing.assert_array_equal(back, stored)
+
+
+def test_layer_sensitivity_is_zero_for_the_same_weight_and_grows_with_the_error(sample):
+    from sw_onnx.analyze.sensitivity import layer_sensitivity
+    from sw_onnx.discover import find_linear_layers
+    from sw_onnx.io import load_model
+
+    model = load_model(sample.path)
+    ids = np.array([1, 17, 42, 7, 99, 64, 23, 5], np.int64)
+
+    def measure(replacement):
+        clone = model.clone()
+        return layer_sensitivity(clone, find_linear_layers(clone)[0][:4], ids, replacement)
+
+    same = measure(lambda layer: layer.weight.effective_weight())
+    assert len(same) == 4 and max(same.values()) < 1e-9
+    rng = np.random.default_rng(0)
+    noise = {}
+
+    def noisy(scale):
+        def replacement(layer):
+            if layer.name not in noise:
+                noise[layer.name] = rng.standard_normal((layer.k, layer.n)).astype(np.float32)
+            return layer.weight.effective_weight() + scale * noise[layer.name]
+        return replacement
+
+    small, large = measure(noisy(0.01)), measure(noisy(0.1))
+    assert all(0 < small[n] < large[n] for n in small)
+    assert measure(lambda layer: None) == {}
