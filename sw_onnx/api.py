@@ -184,6 +184,7 @@ class _Run:
     ranges: dict | None = None
     importance: dict | None = None
     sensitivity: dict | None = None
+    hessians: dict | None = None
     accuracy_levels: dict[str, int] = field(default_factory=dict)
     reference_logits: tuple[str, np.ndarray] | None = None
     opset: dict = field(default_factory=dict)
@@ -290,6 +291,9 @@ def _analyze(run: _Run, model: ir.Model) -> None:
         run.accuracy_levels = _accuracy_levels(run, model, first_pass)
     if config.activations != "none" or config.sa_keep_out or config.uses_importance:
         _input_statistics(run, model)
+    if config.gptq:
+        run.say("collecting each layer input's X^T X (GPTQ)")
+        run.hessians = _hessians(run, model)
     if config.allocates and config.allocation == "damage" and _measures_sensitivity():
         run.say("measuring each layer's int4 sensitivity on the prompt (bit allocation)")
         run.sensitivity = _sensitivity(run, model)
@@ -306,6 +310,25 @@ def _detect_for_keep(run: _Run, model: ir.Model):
     run.ranges, run.reference_logits = result.input_ranges, result.reference_logits
     run.importance = result.input_importance
     return result
+
+
+def _hessians(run: _Run, model: ir.Model) -> dict:
+    """``X^T X`` per linear-layer input over ``calib_text``'s calibration windows, or the prompt."""
+    import numpy as np
+
+    from sw_onnx.analyze.input_stats import calibration_windows, collect_hessians
+
+    windows = [run.token_ids]
+    if run.config.calib_text is not None:
+        from sw_onnx.inputs import bos_convention
+        from sw_onnx.measure import text_token_ids
+
+        ids, _ = text_token_ids(run.src, text=run.config.calib_text)
+        bos, add_bos = bos_convention(run.src.parent)
+        windows = calibration_windows(ids, bos=bos if add_bos else None)
+    hessians = collect_hessians(model.clone(), windows, providers=run.config.providers)
+    gc.collect()
+    return {name: h.astype(np.float32) for name, h in hessians.items()}
 
 
 def _measures_sensitivity() -> bool:
@@ -428,7 +451,8 @@ def _plan(run: _Run, model: ir.Model) -> QuantPlan:
     if structure is not None:  # the bump's weight-less copy spares serializing the graph again
         types = value_types(model, structure)
     return build_quant_plan(model, run.config, keep=run.keep, ranges=run.ranges, importance=run.importance,
-                            accuracy_levels=run.accuracy_levels, types=types, sensitivity=run.sensitivity)
+                            accuracy_levels=run.accuracy_levels, types=types, sensitivity=run.sensitivity,
+                            hessians=run.hessians)
 
 
 def _rewrite(run: _Run, model: ir.Model, plan: QuantPlan) -> None:

@@ -84,6 +84,11 @@ class QuantizeConfig:
             `LM_HEAD_BLOCK_SIZE`. A table tied to a quantized lm_head at the same bits is shared with it (one
             set of codes and scales for both; with a bit budget the embedding always follows the lm_head).
             Counted in the bits per weight and the budget.
+        gptq: GPTQ error compensation (`sw_onnx.kernels.quantize_gptq`): each layer's rows are quantized in
+            order and each row's rounding error pushed onto the rows not yet quantized through the Hessian
+            ``X^T X`` of its inputs, from ``calib_text`` (its first 2,048 tokens) or else the detection prompt
+            (a few tokens: far fewer than the layers' K, see docs/quantize_quality.md). One K x K matrix per
+            layer input is held while quantizing (SmolLM2: about 400 MB).
         lm_head_bits: weight-only, without ``include_lm_head``: the lm_head's own bits, in blocks of
             `LM_HEAD_BLOCK_SIZE` (8: onnxruntime fuses it into MatMulNBits ``bits=8``; 0 keeps it float),
             as llama.cpp keeps its output tensor at higher precision (docs/quantize_defaults.md).
@@ -111,6 +116,7 @@ class QuantizeConfig:
     bits_per_weight: float | None = None
     allocation: str = "damage"
     embedding_bits: int = 0
+    gptq: bool = False
 
     @property
     def allocates(self) -> bool:
@@ -161,9 +167,12 @@ class QuantizeConfig:
             raise UsageError(f"--embedding-bits {self.embedding_bits}: use 4, 8, or 0 to keep embeddings float")
         if self.embedding_bits and self.activations != "none":
             raise UsageError("--embedding-bits is for weight-only quantization")
+        if self.gptq and (self.activations != "none" or self.clip == "zscore"):
+            raise UsageError("--gptq is for weight-only quantization with --clip none or mse")
         if self.error_weight not in ERROR_WEIGHTS:
             raise UsageError(f"--error-weight {self.error_weight}: use one of {', '.join(ERROR_WEIGHTS)}")
-        if self.calib_text is not None and self.activations == "none" and not self.sa_keep_out and not self.uses_importance:
+        if self.calib_text is not None and self.activations == "none" and not self.sa_keep_out and not self.uses_importance \
+                and not self.gptq:
             raise UsageError("--calib-text is only used by --activations int8, --sa-keep-out or an input-importance "
                              "error weight (--error-weight x2|w2x2)")
 

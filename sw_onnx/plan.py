@@ -73,6 +73,8 @@ class LayerPlan:
         error_weight: the ``clip="mse"`` error weight (`QuantizeConfig.error_weight`).
         importance: float64 [K], E[x_k^2] of the layer's input channels when the error weight uses it
             (else None; not in the JSON).
+        hessian: ``X^T X`` [K, K] of its input for GPTQ (super-activation channels zeroed: they leave the
+            MatMul), else None (not in the JSON).
         compute_dtype: the float type the layer multiplies in (ONNX element type).
         float_bytes: bytes of the float weight; quantized_bytes, quantized_node: written by the passes.
         bits_per_weight: `layer_bits` over ``k * n``: codes, scales, zero points and the float side paths
@@ -103,6 +105,7 @@ class LayerPlan:
     activation: ActivationPlan | None = None
     error_weight: str = "w2"
     importance: np.ndarray | None = None
+    hessian: np.ndarray | None = None
     compute_dtype: int | None = None
     float_bytes: int = 0
     quantized_bytes: int = 0
@@ -119,7 +122,7 @@ class LayerPlan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for internal in ("side_keep", "compute_dtype", "lift_3d", "importance", "written"):
+        for internal in ("side_keep", "compute_dtype", "lift_3d", "importance", "written", "hessian"):
             d.pop(internal)
         d["bits_per_weight"] = round(self.bits_per_weight, 4)
         d["bit_count"] = layer_bits(self) if self.quantized else None
@@ -257,6 +260,7 @@ class _Context:
     channels: dict[str, list[int]]
     ranges: Mapping[str, InputRange]
     importance: Mapping[str, InputImportance]
+    hessians: Mapping[str, np.ndarray]
     accuracy_levels: Mapping[str, int]
     types: Mapping[str, tuple[int, int | None]]
 
@@ -271,6 +275,7 @@ def build_quant_plan(
     accuracy_levels: Mapping[str, int] | None = None,
     types: Mapping[str, tuple[int, int | None]] | None = None,
     sensitivity: Mapping[str, float] | None = None,
+    hessians: Mapping[str, np.ndarray] | None = None,
 ) -> QuantPlan:
     """Decide every linear layer's quantization.
 
@@ -288,6 +293,7 @@ def build_quant_plan(
         types: ``{value name: (elem type, rank)}`` for activations the graph does not declare
             (`sw_onnx.shapes.value_types`); computed here when needed and not given.
         sensitivity: ``{node: KL}`` of each layer's int4 rounding on the prompt (bit allocation).
+        hessians: ``{input value name: X^T X}`` (``gptq``).
     """
     config.validate()
     layers, _ = find_linear_layers(model)
@@ -303,7 +309,7 @@ def build_quant_plan(
     w8a8 = config.activations == "int8"
     channels = {} if w8a8 or not config.sa_keep_out else _channels_by_node(ranges or {})
     ctx = _Context(config, find_lm_head(model, layers), by_init, channels, ranges or {}, importance or {},
-                   accuracy_levels or {}, types)
+                   hessians or {}, accuracy_levels or {}, types)
     plans = [(_plan_w8a8 if w8a8 else _plan_weight_only)(layer, ctx) for layer in layers]
     embeddings = _plan_embeddings(model, plans, config) if config.embedding_bits and not w8a8 else []
     if config.allocates:
@@ -404,6 +410,8 @@ def _plan_weight_only(layer: LinearLayer, ctx: _Context) -> LayerPlan:
     if config.uses_importance:
         plan.importance = _importance(layer, ctx)
     _plan_keep(plan, layer, ctx, alpha)
+    if config.gptq:
+        plan.hessian = _hessian(layer, plan.sa_channels, ctx)
     wrap = config.format == "qdq" and _rank(layer.input, ctx.types) != 3 and (
         bool(plan.side_keep) or (bias is not None and bias.const_value is None)
         or bool(plan.sa_channels) or _feeds_nonconstant_add(layer.output))  # the keep-out side path adds one
@@ -435,6 +443,18 @@ def _importance(layer: LinearLayer, ctx: _Context) -> np.ndarray | None:
     if entry is None or entry.k != layer.k:
         return None
     return entry.mean_sq(skip_first=IMPORTANCE_SKIP_FIRST)
+
+
+def _hessian(layer: LinearLayer, sa_channels: Sequence[int], ctx: _Context) -> np.ndarray | None:
+    """The layer input's ``X^T X`` with its super-activation channels zeroed (they leave the MatMul)."""
+    h = ctx.hessians.get(layer.input.name)
+    if h is None or h.shape != (layer.k, layer.k):
+        return None
+    if sa_channels:
+        h = np.array(h)
+        h[sa_channels, :] = 0.0
+        h[:, sa_channels] = 0.0
+    return h
 
 
 def _plan_keep(plan: LayerPlan, layer: LinearLayer, ctx: _Context, alpha: float) -> None:
@@ -485,6 +505,8 @@ def _plan_w8a8(layer: LinearLayer, ctx: _Context) -> LayerPlan:
 
 def _describe(plan: LayerPlan, wrap: bool) -> str:
     parts = [f"{'int' if plan.symmetric else 'uint'}{plan.bits} {block_label(plan.block_size)}", f"clip {plan.clip}"]
+    if plan.hessian is not None:
+        parts.append("GPTQ")
     if plan.clip == "mse" and plan.error_weight != "w2":
         parts.append(f"error weight {plan.error_weight}" + ("" if plan.importance is not None else " (no importance: uniform)"))
     if plan.op_type == "Gemm":

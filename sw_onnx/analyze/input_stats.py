@@ -42,6 +42,7 @@ __all__ = [
     "calibrate_for_quantize",
     "calibrate_linear_inputs",
     "calibration_windows",
+    "collect_hessians",
     "importance_from_entries",
     "importance_from_stats",
     "plan_input_ranges",
@@ -448,4 +449,42 @@ def importance_from_entries(entries: Sequence[Mapping]) -> dict[str, InputImport
             raise ValueError(f"input_importance {e['value']!r}: sum_sq/first_sq must hold k={k} values")
         out[str(e["value"])] = InputImportance(str(e["value"]), [str(n) for n in e["nodes"]], k, int(e["tokens"]),
                                                int(e["windows"]), sum_sq, first_sq)
+    return out
+
+
+def collect_hessians(model: ir.Model, windows: Sequence[np.ndarray], *,
+                     providers: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """``{input value name: X^T X}`` (float64 [K, K], X the value's rows over every token of `windows`) of
+    every linear-layer input: the Hessian of GPTQ's layer-wise objective (up to a factor 2).
+
+    Args:
+        model: a loaded model (a clone: it is instrumented in place, its outputs replaced).
+    """
+    from sw_onnx.inputs import build_feeds
+    from sw_onnx.io import create_session
+
+    layers, _ = find_linear_layers(model)
+    graph = model.graph
+    graph.outputs.clear()
+    names: dict[str, str] = {}
+    for i, layer in enumerate(layers):
+        x = layer.input
+        if x.name in names:
+            continue
+        tag = f"{_PREFIX}/hessian/{i}"
+        if x.dtype not in (None, ir.DataType.FLOAT):
+            x = append_op(graph, "Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{tag}/cast").outputs[0]
+        shape = add_constant(graph, f"{tag}/shape", np.array([-1, layer.k], np.int64))
+        flat = append_op(graph, "Reshape", [x, shape], name=f"{tag}/flatten").outputs[0]
+        flat_t = append_op(graph, "Transpose", [flat], {"perm": [1, 0]}, name=f"{tag}/transpose").outputs[0]
+        xtx = append_op(graph, "MatMul", [flat_t, flat], name=f"{tag}/xtx").outputs[0]
+        names[layer.input.name] = f"{tag}/out"
+        expose_output(graph, xtx, names[layer.input.name], ir.DataType.FLOAT, [layer.k, layer.k])
+    session = create_session(model, providers=list(providers) if providers else None, stream_weights=True)
+    out: dict[str, np.ndarray] = {}
+    fetch = list(names.values())
+    for window in windows:
+        feeds = build_feeds(session, np.asarray(window, np.int64).ravel()[None, :])
+        for (value, _), array in zip(names.items(), session.run(fetch, feeds)):
+            out[value] = out.get(value, 0) + array.astype(np.float64)
     return out

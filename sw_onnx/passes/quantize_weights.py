@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from sw_onnx.config import PER_CHANNEL
 from sw_onnx.discover import LinearLayer
-from sw_onnx.kernels import quantize_blockwise, to_matmulnbits
+from sw_onnx.kernels import quantize_blockwise, quantize_gptq, to_matmulnbits
 from sw_onnx.passes.opset import INT4_MIN_IR_VERSION, QDQ_MIN_OPSET
 from sw_onnx.passes._rewrite import GraphBuilder, codes_tensor, layers_by_name, remove_orphans, replace_output, side_path, tensor_bytes
 from sw_onnx.plan import LayerPlan, QuantPlan, gemm_parameters, kernel_block_size
@@ -110,10 +110,14 @@ class _LayerQuantizer:
         search = {}
         if p.clip == "mse":
             search = {"weighting": "none" if p.error_weight == "x2" else "w2", "importance": p.importance}
-        qw = quantize_blockwise(
-            w, bits=p.bits, block_size=kernel_block_size(p.block_size, w.shape[0], p.form), symmetric=p.symmetric,
-            clip=p.clip, zscore=p.zscore, keep_out=[(k, n) for k, n, _ in p.side_keep] or None, **search,
-        )
+        block = kernel_block_size(p.block_size, w.shape[0], p.form)
+        keep_out = [(k, n) for k, n, _ in p.side_keep] or None
+        if p.hessian is not None:
+            qw = quantize_gptq(w, p.hessian, bits=p.bits, block_size=block, symmetric=p.symmetric, clip=p.clip,
+                               keep_out=keep_out, **search)
+        else:
+            qw = quantize_blockwise(w, bits=p.bits, block_size=block, symmetric=p.symmetric, clip=p.clip,
+                                    zscore=p.zscore, keep_out=keep_out, **search)
         del w
         if p.form == "nbits":
             b, scales, zp = to_matmulnbits(qw)
