@@ -616,12 +616,12 @@ def _set_damage(options: Mapping[str, list[_Option]], sensitivity: Mapping[str, 
                 if node in sensitivity and opts[0].relative > 0]
     fallback = float(np.median(per_unit)) if per_unit else 1.0
     for node, opts in options.items():
-        base = opts[0]
+        base = opts[0].damage
         for o in opts:
             if ALLOCATION_DAMAGE == "relative" or not sensitivity:
                 o.damage = o.relative
-            elif node in sensitivity and base.damage > 0:
-                o.damage = sensitivity[node] * o.damage / base.damage
+            elif node in sensitivity and base > 0:
+                o.damage = sensitivity[node] * o.damage / base
             else:
                 o.damage = fallback * o.relative
 

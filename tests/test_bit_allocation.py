@@ -119,7 +119,7 @@ def test_damage_allocation_takes_the_most_damage_saved_per_bit_first(sample, tmp
     def options(p, layer, importance):
         out = real(p, layer, importance)
         for o in out:
-            o.damage = (1000.0 if p.node == target else 1.0) * (1.0 if o.bits == 4 else 0.01)
+            o.relative = (1000.0 if p.node == target else 1.0) * (1.0 if o.bits == 4 else 0.01)
         return out
 
     monkeypatch.setattr(plan_module, "_options", options)
@@ -153,7 +153,7 @@ def test_damage_estimate_is_the_importance_weighted_rounding_error(sample):
     imp = importance[layer.input.name].mean_sq()
     w = layer.weight.effective_weight()
     signal = float(imp @ (w.astype(np.float64) ** 2).sum(axis=1))
-    got = {(o.bits, o.block_size): o.damage for o in _options(p, layer, importance)}
+    got = {(o.bits, o.block_size): o.relative for o in _options(p, layer, importance)}
     assert set(got) == {(4, 64), (4, 32), (8, 64)}
     for (bits, block), damage in got.items():
         err = (w - dequantize_blockwise(quantize_blockwise(w, bits=bits, block_size=block))).astype(np.float64) ** 2

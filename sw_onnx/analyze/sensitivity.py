@@ -57,7 +57,7 @@ def layer_sensitivity(model, layers: Sequence[LinearLayer], token_ids: np.ndarra
         if layer.weight.initializer.name not in names:
             model.graph.inputs.append(layer.weight.initializer)
             names.add(layer.weight.initializer.name)
-    session = create_session(model, providers=list(providers) if providers else None, stream_weights=True)
+    session = create_session(model, providers=list(providers) if providers else None)
     out = logits_output_name(session)
     feeds = build_feeds(session, token_ids)
     reference = _log_softmax(session.run([out], feeds)[0])
