@@ -10,7 +10,7 @@ from sw_onnx.errors import UsageError
 __all__ = ["ALLOCATIONS", "CLIP_MODES", "ERROR_WEIGHTS", "FORMATS", "LM_HEAD_BLOCK_SIZE", "PER_CHANNEL", "QuantizeConfig"]
 
 CLIP_MODES = ("none", "zscore", "mse")
-ERROR_WEIGHTS = ("w2", "x2", "w2x2")
+ERROR_WEIGHTS = ("w2", "x2", "w2x2", "x2rms")
 ALLOCATIONS = ("damage", "kquant")
 FORMATS = ("qdq", "nbits")
 LM_HEAD_BLOCK_SIZE = 32
@@ -68,7 +68,9 @@ class QuantizeConfig:
             quantization and restored exactly after (paper Eq. 1); off is the naive W8A8.
         error_weight: what ``clip="mse"`` weights each weight's squared rounding error by: ``"w2"`` (its
             own square: protects the large weights), ``"x2"`` (its input channel's importance E[x_k^2],
-            as llama.cpp's imatrix) or ``"w2x2"`` (their product). The importance is measured by detection's
+            as llama.cpp's imatrix), ``"w2x2"`` (their product) or ``"x2rms"`` (the importance times
+            ``sqrt(2 mean(w^2) + w^2)`` over the block, as llama.cpp's k-quants weight an imatrix). The
+            importance is measured by detection's
             first pass on the prompt (data-free), or on ``calib_text`` when given.
         bits_per_weight: a budget (e.g. 4.5): layers go from int4 at ``block_size`` to int4 at a smaller block
             or to int8 where that buys the most, until the bits per weight (`sw_onnx.plan.layer_bits`: codes,

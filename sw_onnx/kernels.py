@@ -88,10 +88,10 @@ except ImportError:  # pragma: no cover - numpy < 2
         _clip = np.clip
 
 ClipMode = Literal["none", "zscore", "mse"]
-Weighting = Literal["w2", "none"]
+Weighting = Literal["w2", "rms", "none"]
 
 _CLIP_MODES = ("none", "zscore", "mse")
-_WEIGHTINGS = ("w2", "none")
+_WEIGHTINGS = ("w2", "rms", "none")
 
 
 @dataclass
@@ -170,7 +170,8 @@ def quantize_blockwise(
             plain round-to-nearest is chosen unless another is strictly better. Exact search over these
             candidates, in float32 (near-ties within ~1e-5 of the error may go either way).
         zscore: z for ``clip="zscore"`` (default ``DEFAULT_ZSCORE``); only allowed with that mode.
-        weighting: error weight for ``clip="mse"``: ``"w2"`` (``w**2``, protects large weights;
+        weighting: error weight for ``clip="mse"``: ``"rms"`` (``sqrt(2 mean(w**2) + w**2)`` over the block,
+            as llama.cpp's k-quants weight an imatrix), ``"w2"`` (``w**2``, protects large weights;
             default) or ``"none"`` (plain squared error); only allowed with that mode.
         mse_grid: number of shrink factors for ``clip="mse"`` (>= 1, default ``DEFAULT_MSE_GRID``);
             only allowed with that mode.
@@ -224,7 +225,7 @@ def quantize_blockwise(
         if clip == "mse":
             s, zp = _search_mse(blocks, lo, hi, bits, symmetric, weight_mode, grid, imp_blocks)
             if MSE_REFIT_ITERATIONS:
-                s = _refit_scales(blocks, s, zp, qmin, qmax, weight_mode == "w2", imp_blocks, MSE_REFIT_ITERATIONS)
+                s = _refit_scales(blocks, s, zp, qmin, qmax, weight_mode, imp_blocks, MSE_REFIT_ITERATIONS)
         else:
             s, zp = _scale_zero_point(lo, hi, bits, symmetric)
         q[:, sl] = _round_codes(blocks, s, zp, qmin, qmax).reshape(nblocks * bs, -1)[:k]
@@ -597,12 +598,23 @@ def _round_codes(
     return _clip(codes, np.float32(qmin), np.float32(qmax), out=codes)
 
 
-def _refit_scales(blocks: np.ndarray, s: np.ndarray, zp: np.ndarray | None, qmin: int, qmax: int, weighted: bool,
+def _error_weight(x: np.ndarray, mode: str, axis: int) -> np.ndarray | None:
+    """The per-element error weight of `mode` for blocks laid along `axis` (None: uniform)."""
+    if mode == "w2":
+        return np.square(x)
+    if mode == "rms":
+        sigma2 = np.float32(2) * np.mean(np.square(x), axis=axis, keepdims=True)
+        return np.sqrt(sigma2 + np.square(x))
+    return None
+
+
+def _refit_scales(blocks: np.ndarray, s: np.ndarray, zp: np.ndarray | None, qmin: int, qmax: int, weighted: str,
                   importance: np.ndarray | None, iterations: int) -> np.ndarray:
     """`MSE_REFIT_ITERATIONS`: per block, the least-squares scale for its codes, kept where the weighted error
     (codes re-rounded with it) falls. Zero-filled elements (tail, kept-out) map to the zero point and add
     nothing. Returns the new scales [nblocks, 1, N]."""
-    c = np.square(blocks) if weighted else np.ones_like(blocks)
+    c = _error_weight(blocks, weighted, 1)
+    c = np.ones_like(blocks) if c is None else c
     if importance is not None:
         c = c * importance
     z = np.float32(0) if zp is None else zp
@@ -690,7 +702,7 @@ def _search_mse(
         sl = (slice(r, r + rows), slice(None), slice(c, c + cols))
         imp = None if importance is None else np.broadcast_to(importance[sl[0]], blocks[sl].shape)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # per thread
-            fam, idx = _search_chunk(blocks[sl], lo[sl], hi[sl], bits, families, weighting == "w2", factors, imp)
+            fam, idx = _search_chunk(blocks[sl], lo[sl], hi[sl], bits, families, weighting, factors, imp)
         best_family[sl] = fam
         best_factor[sl] = idx
 
@@ -723,7 +735,7 @@ def _search_chunk(
     hi: np.ndarray,
     bits: int,
     families: tuple[str, ...],
-    weighted: bool,
+    weighted: str,
     factors: np.ndarray,
     importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -741,14 +753,15 @@ def _search_chunk(
     lo = lo.reshape(-1)
     hi = hi.reshape(-1)
     nblk = lo.size
-    weight = np.square(x) if weighted else None
+    weight = _error_weight(x, weighted, 0)
     ends = np.stack([lo, hi])  # [2, nblk]: the elements a shrink clips first
-    end_weight = np.square(ends) if weighted else np.ones_like(ends)
+    cols_idx = np.arange(rows * cols)
+    end_at = np.stack([x.argmin(axis=0), x.argmax(axis=0)])  # their rows: the bound uses their own weights
+    end_weight = np.ones_like(ends) if weight is None else np.stack([weight[end_at[0], cols_idx], weight[end_at[1], cols_idx]])
     if importance is not None:
         imp = np.ascontiguousarray(importance.transpose(1, 0, 2), dtype=np.float32).reshape(bs, rows * cols)
         weight = imp if weight is None else weight * imp
-        cols_idx = np.arange(rows * cols)  # the end elements' own importance keeps the bound exact
-        end_weight = end_weight * np.stack([imp[x.argmin(axis=0), cols_idx], imp[x.argmax(axis=0), cols_idx]])
+        end_weight = end_weight * np.stack([imp[end_at[0], cols_idx], imp[end_at[1], cols_idx]])
     t = np.empty_like(x)
     c = np.empty_like(x)
     best_err = np.full(nblk, np.inf, dtype=np.float32)

@@ -742,19 +742,20 @@ def test_importance_lowers_the_importance_weighted_error(symmetric, block_size):
             assert ((wt * d_aware)[rows].sum(axis=0) <= (wt * d_plain)[rows].sum(axis=0) * (1 + 1e-4) + 1e-12).all()
 
 
-def test_uniform_importance_changes_nothing_and_pruning_stays_exact(monkeypatch):
+@pytest.mark.parametrize("weighting", ["w2", "rms", "none"])
+def test_uniform_importance_changes_nothing_and_pruning_stays_exact(monkeypatch, weighting):
     import sw_onnx.kernels as kernels
 
     rng = np.random.default_rng(2)
     w = (rng.standard_normal((200, 64)) * 0.1).astype(np.float32)
-    base = quantize_blockwise(w, block_size=64, clip="mse")
-    same = quantize_blockwise(w, block_size=64, clip="mse", importance=np.full(200, 3.0))
+    base = quantize_blockwise(w, block_size=64, clip="mse", weighting=weighting)
+    same = quantize_blockwise(w, block_size=64, clip="mse", weighting=weighting, importance=np.full(200, 3.0))
     assert np.array_equal(base.q, same.q) and np.array_equal(base.scale, same.scale)
     importance = rng.random(200) ** 4
     keep = [(3, 5), (150, 7)]
-    pruned = quantize_blockwise(w, block_size=64, clip="mse", importance=importance, keep_out=keep)
+    pruned = quantize_blockwise(w, block_size=64, clip="mse", weighting=weighting, importance=importance, keep_out=keep)
     monkeypatch.setattr(kernels, "_PRUNE", False)
-    full = quantize_blockwise(w, block_size=64, clip="mse", importance=importance, keep_out=keep)
+    full = quantize_blockwise(w, block_size=64, clip="mse", weighting=weighting, importance=importance, keep_out=keep)
     assert np.array_equal(pruned.q, full.q) and np.array_equal(pruned.scale, full.scale)
 
 
