@@ -523,7 +523,7 @@ def _describe(plan: LayerPlan, wrap: bool) -> str:
 # ----------------------------------------------------------------------------------------------
 # Bit allocation: per-layer bits (and blocks) within a budget of bits per weight
 
-ALLOCATION_DAMAGE = "relative"
+ALLOCATION_DAMAGE = "measured"
 """How the ``damage`` allocation compares layers: ``"relative"`` (each option's importance-weighted squared
 rounding error over the layer's importance-weighted squared weights: the relative output error, as HIGGS'
 linearity uses), ``"absolute"`` (the error itself) or ``"measured"`` (the KL its int4 rounding causes on the

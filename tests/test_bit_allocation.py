@@ -115,6 +115,7 @@ def test_damage_allocation_takes_the_most_damage_saved_per_bit_first(sample, tmp
 
     real = plan_module._options
     target = "/model/layers.1/mlp/up_proj/MatMul"
+    monkeypatch.setattr(plan_module, "ALLOCATION_DAMAGE", "relative")
 
     def options(p, layer, importance):
         out = real(p, layer, importance)
@@ -296,3 +297,21 @@ def test_layer_sensitivity_is_zero_for_the_same_weight_and_grows_with_the_error(
     small, large = measure(noisy(0.01)), measure(noisy(0.1))
     assert all(0 < small[n] < large[n] for n in small)
     assert measure(lambda layer: None) == {}
+
+
+def test_measured_damage_scales_each_layers_kl_by_its_options_error():
+    """Measured damage: option damage = the layer's KL at int4 x (option error / int4 error); a layer without
+    a measurement gets the median KL per unit of relative error."""
+    import sw_onnx.plan as plan_module
+    from sw_onnx.plan import _Option, _set_damage
+
+    options = {"a": [_Option(4, 128, 10, damage=2.0, relative=0.1), _Option(8, 128, 50, damage=0.01, relative=0.0005)],
+               "b": [_Option(4, 128, 10, damage=8.0, relative=0.2), _Option(8, 128, 50, damage=0.04, relative=0.001)]}
+    saved = plan_module.ALLOCATION_DAMAGE
+    try:
+        plan_module.ALLOCATION_DAMAGE = "measured"
+        _set_damage(options, {"a": 0.5})
+    finally:
+        plan_module.ALLOCATION_DAMAGE = saved
+    assert [o.damage for o in options["a"]] == pytest.approx([0.5, 0.5 * 0.01 / 2.0])
+    assert [o.damage for o in options["b"]] == pytest.approx([5.0 * 0.2, 5.0 * 0.001])  # 0.5 / 0.1 per unit

@@ -452,6 +452,10 @@ def importance_from_entries(entries: Sequence[Mapping]) -> dict[str, InputImport
     return out
 
 
+HESSIAN_SKIP_FIRST = False
+"""Leave each window's first token (attention sink, super activation) out of the GPTQ Hessians."""
+
+
 def collect_hessians(model: ir.Model, windows: Sequence[np.ndarray], *,
                      providers: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """``{input value name: X^T X}`` (float64 [K, K], X the value's rows over every token of `windows`) of
@@ -476,6 +480,10 @@ def collect_hessians(model: ir.Model, windows: Sequence[np.ndarray], *,
             x = append_op(graph, "Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{tag}/cast").outputs[0]
         shape = add_constant(graph, f"{tag}/shape", np.array([-1, layer.k], np.int64))
         flat = append_op(graph, "Reshape", [x, shape], name=f"{tag}/flatten").outputs[0]
+        if HESSIAN_SKIP_FIRST:
+            starts, ends = (add_constant(graph, f"{tag}/{n}", np.array([v], np.int64)) for n, v in (("s", 1), ("e", 1 << 62)))
+            axes = add_constant(graph, f"{tag}/axes", np.array([0], np.int64))
+            flat = append_op(graph, "Slice", [flat, starts, ends, axes], name=f"{tag}/skip_first").outputs[0]
         flat_t = append_op(graph, "Transpose", [flat], {"perm": [1, 0]}, name=f"{tag}/transpose").outputs[0]
         xtx = append_op(graph, "MatMul", [flat_t, flat], name=f"{tag}/xtx").outputs[0]
         names[layer.input.name] = f"{tag}/out"
