@@ -45,6 +45,11 @@ DEFAULT_WINDOWS = {"smollm2": 16, "smollm2-offgrid": 16, "gemma3": 8, "gemma3-of
 BUDGETS = (4.5, 4.85)
 ROWS = ("ort-rtn-sym", "ort-rtn-asym", "ort-hqq", "ort-kquant", "sw-rtn", "sw-default", "sw-bpw-4.5", "sw-bpw-4.85",
         "kquant-bpw-4.5", "kquant-bpw-4.85", "kquant-rule", "sw-bpw-rule")
+SIZE_ROWS = ("size-default", "size-emb8", "size-emb8-b128", "size-emb4", "size-emb4-head4", "size-head-float")
+"""Whole outputs as shipped (the lm_head and embedding included), at the default block: size and perplexity."""
+SIZE_PARAMS = {"size-default": {}, "size-emb8": {"embedding_bits": 8}, "size-emb4": {"embedding_bits": 4},
+               "size-emb8-b128": {"embedding_bits": 8, "lm_head_block_size": 128},
+               "size-emb4-head4": {"embedding_bits": 4, "lm_head_bits": 4}, "size-head-float": {"lm_head_bits": 0}}
 LABELS = {
     "ort-rtn-sym": "onnxruntime RTN symmetric", "ort-rtn-asym": "onnxruntime RTN asymmetric",
     "ort-hqq": "onnxruntime HQQ", "ort-kquant": "onnxruntime k_quant", "sw-rtn": "sw-onnx RTN (`--clip none`)",
@@ -52,6 +57,9 @@ LABELS = {
     "sw-bpw-4.85": "sw-onnx `--bits-per-weight 4.85`", "kquant-bpw-4.5": "k_quant_mixed-style rule within 4.5",
     "kquant-bpw-4.85": "k_quant_mixed-style rule within 4.85", "kquant-rule": "k_quant_mixed-style rule, whole",
     "sw-bpw-rule": "sw-onnx `--bits-per-weight` = the whole rule's",
+    "size-default": "default (`QuantizeConfig()`)", "size-emb8": "`--embedding-bits 8`",
+    "size-emb8-b128": "`--embedding-bits 8 --lm-head-block-size 128`", "size-emb4": "`--embedding-bits 4`",
+    "size-emb4-head4": "`--embedding-bits 4 --lm-head-bits 4`", "size-head-float": "`--lm-head-bits 0`",
 }
 
 CHILD = r"""
@@ -82,7 +90,8 @@ else:
     from sw_onnx.quantize import QuantizeConfig, quantize_model
     s = quantize_model(src, dst, QuantizeConfig(**params, force=True, verify=False))
     t_ = s.totals()
-    out = {"bits_per_weight": t_["bits_per_weight"], "eight_bit_share": sum(p.k * p.n for p in s.quantized if p.bits == 8) / t_["weights"]}
+    out = {"bits_per_weight": t_["bits_per_weight"], "eight_bit_share": sum(p.k * p.n for p in s.quantized if p.bits == 8) / t_["weights"],
+           "bits_per_weight_with_embeddings": t_["bits_per_weight_with_embeddings"], "quantized_layers": t_["quantized"]}
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak(), **out}))
 """
 
@@ -128,6 +137,8 @@ def _tensor_bits(t) -> int:
 
 
 def _params(row: str, block: int, report: str, rule_bpw: float | None) -> tuple[str, dict] | None:
+    if row in SIZE_PARAMS:
+        return "sw", {"keep": report, **SIZE_PARAMS[row]}
     sw = {"block_size": block, "keep": report, "lm_head_bits": 0}
     if row.startswith("ort-"):
         algo = {"ort-hqq": "hqq", "ort-kquant": "k_quant"}.get(row, "rtn")
@@ -175,7 +186,7 @@ def measure(args) -> None:
         if (name, 0, "fp32") not in done:
             _record(data, args, {"model": name, "block": 0, "row": "fp32", "windows": windows, "ppl": ppl(folder / "model.onnx")})
         for block in args.blocks:
-            for row in args.only or ROWS:
+            for row in ROWS if args.only is None else args.only:
                 if (name, block, row) in done:
                     continue
                 rule = next((r.get("bits_per_weight") for r in data["rows"] if (r["model"], r["block"], r["row"]) == (name, block, "kquant-rule")), None)
@@ -183,6 +194,10 @@ def measure(args) -> None:
                 if spec is None:
                     continue
                 _record(data, args, _measure_row(name, block, row, spec, folder, work, windows, ppl))
+        for row in args.size or ():
+            if (name, 0, row) not in done:
+                _record(data, args, _measure_row(name, 0, row, _params(row, 0, str(report), None), folder, work,
+                                                 windows, ppl))
     data.update(date=time.strftime("%Y-%m-%d"), cores=os.cpu_count())
     Path(args.json_path).write_text(json.dumps(data, indent=1))
 
@@ -247,6 +262,17 @@ def markdown(data: dict) -> str:
                     cells.append(f"{r['ppl']:.2f} | {r.get('bits_per_weight', float('nan')):.3f} | {gap:+.0%}")
             lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
         lines.append("")
+    sized = [r for r in rows if r["row"] in SIZE_ROWS]
+    if sized:
+        lines += ["## Whole outputs as shipped (lm_head and embeddings included)", "",
+                  "| model | output | ppl | MB | bits per weight (linear layers) | with embeddings |", "|---|---|---|---|---|---|"]
+        for r in sized:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {LABELS[r['row']]} | failed: {r['error'][:80]} | | | |")
+            else:
+                lines.append(f"| {r['model']} | {LABELS[r['row']]} | {r['ppl']:.2f} | {r['bytes'] / 1e6:.1f} | "
+                             f"{r.get('bits_per_weight', float('nan')):.3f} | {r.get('bits_per_weight_with_embeddings') or float('nan'):.3f} |")
+        lines.append("")
     lines += ["Notes:", "",
               "- `--bits-per-weight` below what int4 at the block costs everywhere is refused (a usage error): "
               "such cells are empty.",
@@ -262,7 +288,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--windows", type=int, default=None, help="default: 16 for SmolLM2, 8 for Gemma-3")
-    parser.add_argument("--only", nargs="+", choices=ROWS, help="only these rows")
+    parser.add_argument("--only", nargs="*", choices=ROWS, default=None, help="only these rows (`--only` alone: none)")
+    parser.add_argument("--size", nargs="*", choices=SIZE_ROWS, default=None,
+                        help="also whole outputs as shipped (lm_head, embeddings): size and perplexity")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip them")
     parser.add_argument("--retry-failed", action="store_true", help="with --resume: measure failed rows again")
     parser.add_argument("--from-json", action="store_true", help="only rewrite --markdown from --json")

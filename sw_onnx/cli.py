@@ -152,6 +152,7 @@ CalibTextOpt = Annotated[Optional[Path], typer.Option("--calib-text", help="Text
 BitsPerWeightOpt = Annotated[Optional[float], typer.Option("--bits-per-weight", help="Budget of bits per weight (codes, scales, zero points, float side paths, over every quantized weight): int4 layers go to a smaller block or to int8 where that buys the most.", show_default=False)]
 AllocationOpt = Annotated[str, typer.Option("--allocation", help="With --bits-per-weight: damage (estimated damage per extra bit) or kquant (llama.cpp's use_more_bits rule, as k_quant_mixed; alone: the whole rule).")]
 EmbeddingBitsOpt = Annotated[int, typer.Option("--embedding-bits", help="0 (float), 4 or 8: embedding tables as GatherBlockQuantized, shared with a tied lm_head at the same bits.")]
+LmHeadBlockOpt = Annotated[int, typer.Option("--lm-head-block-size", help="Block of --lm-head-bits and of embedding tables (a power of two >= 16).")]
 GptqOpt = Annotated[bool, typer.Option("--gptq", help="GPTQ error compensation with the Hessian X^T X of each layer's inputs, from --calib-text (or the prompt: too few tokens for it).")]
 ErrorWeightOpt = Annotated[str, typer.Option("--error-weight", help="With --clip mse, weight each weight's squared rounding error by w2 (its square), x2 (its input channel's E[x^2], measured on the prompt or --calib-text) or w2x2 (both).")]
 SaKeepOutOpt = Annotated[bool, typer.Option("--sa-keep-out/--no-sa-keep-out", help="Keep super-activation entries out of activation quantization (int4: their channels leave MatMulNBits, exact on a float side path; W8A8: replaced by the median, restored exactly).")]
@@ -240,6 +241,7 @@ def quantize(
     allocation: AllocationOpt = _QDEFAULT.allocation,
     embedding_bits: EmbeddingBitsOpt = _QDEFAULT.embedding_bits,
     gptq: GptqOpt = _QDEFAULT.gptq,
+    lm_head_block_size: LmHeadBlockOpt = _QDEFAULT.lm_head_block_size,
 ) -> None:
     """Quantize the linear layers to int4/int8 blocks, keeping the super weights exact; verify before writing."""
     from sw_onnx.quantize import QuantizeConfig, quantize_model
@@ -254,7 +256,7 @@ def quantize(
         providers=tuple(_providers(provider)) if provider != "cpu" else None,
         activations=activations, calib_text=str(calib_text) if calib_text is not None else None, sa_keep_out=sa_keep_out,
         lm_head_bits=lm_head_bits, error_weight=error_weight, bits_per_weight=bits_per_weight, allocation=allocation,
-        embedding_bits=embedding_bits, gptq=gptq,
+        embedding_bits=embedding_bits, gptq=gptq, lm_head_block_size=lm_head_block_size,
     )
     try:
         summary = quantize_model(model, output, config, progress=_progress)

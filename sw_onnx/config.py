@@ -83,7 +83,7 @@ class QuantizeConfig:
             a budget, the whole rule).
         embedding_bits: 0 (float), 4 or 8: weight-only: embedding tables (a Gather's float initializer) become
             ``com.microsoft::GatherBlockQuantized``, blockwise along the hidden axis in blocks of
-            `LM_HEAD_BLOCK_SIZE`. A table tied to a quantized lm_head at the same bits is shared with it (one
+            ``lm_head_block_size``. A table tied to a quantized lm_head at the same bits is shared with it (one
             set of codes and scales for both; with a bit budget the embedding always follows the lm_head).
             Counted in the bits per weight and the budget.
         gptq: GPTQ error compensation (`sw_onnx.kernels.quantize_gptq`): each layer's rows are quantized in
@@ -91,8 +91,9 @@ class QuantizeConfig:
             ``X^T X`` of its inputs, from ``calib_text`` (its first 2,048 tokens) or else the detection prompt
             (a few tokens: far fewer than the layers' K, see docs/quantize_quality.md). One K x K matrix per
             layer input is held while quantizing (SmolLM2: about 400 MB).
+        lm_head_block_size: the block of ``lm_head_bits`` and of embedding tables (a power of two >= 16).
         lm_head_bits: weight-only, without ``include_lm_head``: the lm_head's own bits, in blocks of
-            `LM_HEAD_BLOCK_SIZE` (8: onnxruntime fuses it into MatMulNBits ``bits=8``; 0 keeps it float),
+            ``lm_head_block_size`` (8: onnxruntime fuses it into MatMulNBits ``bits=8``; 0 keeps it float),
             as llama.cpp keeps its output tensor at higher precision (docs/quantize_defaults.md).
     """
 
@@ -118,6 +119,7 @@ class QuantizeConfig:
     bits_per_weight: float | None = None
     allocation: str = "damage"
     embedding_bits: int = 0
+    lm_head_block_size: int = LM_HEAD_BLOCK_SIZE
     gptq: bool = False
 
     @property
@@ -165,6 +167,9 @@ class QuantizeConfig:
         if self.allocates and (self.bits != 4 or self.activations != "none"):
             raise UsageError("--bits-per-weight and --allocation kquant raise int4 layers to int8: they need --bits 4 "
                              "and weight-only quantization")
+        hb = self.lm_head_block_size
+        if isinstance(hb, bool) or not isinstance(hb, int) or hb < 16 or hb & (hb - 1):
+            raise UsageError(f"--lm-head-block-size {hb}: use a power of two >= 16")
         if self.embedding_bits not in (0, 4, 8):
             raise UsageError(f"--embedding-bits {self.embedding_bits}: use 4, 8, or 0 to keep embeddings float")
         if self.embedding_bits and self.activations != "none":

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from sw_onnx.config import LM_HEAD_BLOCK_SIZE, PER_CHANNEL, QuantizeConfig
+from sw_onnx.config import PER_CHANNEL, QuantizeConfig
 from sw_onnx.coordinates import Coordinate
 from sw_onnx.discover import EmbeddingTable, LinearLayer, find_embeddings, find_linear_layers, find_lm_head
 
@@ -333,7 +333,7 @@ def _plan_embeddings(model: ir.Model, plans: Sequence[LayerPlan], config: Quanti
             continue
         out.append(EmbeddingPlan(
             initializer=name, nodes=[g.name for g in table.gathers], vocab=table.vocab, hidden=table.hidden,
-            bits=config.embedding_bits, block_size=LM_HEAD_BLOCK_SIZE, symmetric=config.symmetric,
+            bits=config.embedding_bits, block_size=config.lm_head_block_size, symmetric=config.symmetric,
             shared_with=head.node if head is not None else None, compute_dtype=int(table.initializer.dtype)))
     return out
 
@@ -404,7 +404,7 @@ def _plan_weight_only(layer: LinearLayer, ctx: _Context) -> LayerPlan:
         plan.action, plan.reason = "skipped", reason
         return plan
     own_bits = plan.is_lm_head and not config.include_lm_head and not config.allocates  # with lm_head_bits only
-    plan.bits, plan.block_size = (config.lm_head_bits, LM_HEAD_BLOCK_SIZE) if own_bits else (config.bits, config.block_size)
+    plan.bits, plan.block_size = (config.lm_head_bits, config.lm_head_block_size) if own_bits else (config.bits, config.block_size)
     plan.symmetric, plan.clip, plan.zscore = config.symmetric, config.clip, config.zscore
     plan.error_weight = config.error_weight
     if config.uses_importance:
