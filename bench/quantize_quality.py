@@ -1,298 +1,308 @@
-"""WikiText-2 perplexity of int4/int8 SmolLM2-135M: onnxruntime's RTN vs sw-onnx, and quantizer time and memory.
+"""int4 quality on real float weights: WikiText-2 perplexity and bits per weight of every quantizer row, on
+several models, on and off the GGUF's 4-bit grid (issue 13).
 
-Protocol: sw_onnx.evaluate (WikiText-2 test from its start, no BOS, windows of 512, first --windows windows),
-onnxruntime CPU with its default session options (QDQ weights fused into MatMulNBits, accuracy_level 4).
+Models (by name; each is a folder under the cache, `sample_models/`): ``smollm2`` (SmolLM2-135M-Instruct as
+exported from its Q4_1 GGUF: its weights sit on a 4-bit grid), ``smollm2-offgrid`` (the same network with every
+linear layer's K axis permuted, `sample_models/offgrid.py`: same function, weights off the grid), ``gemma3``
+and ``gemma3-offgrid`` (Gemma-3-270M from its Q4_K_M GGUF, `sample_models/export_gemma3.py`).
 
-Same set of layers for both tools: the 210 linear layers with a weight initializer; the tied lm_head stays
-float in both (onnxruntime's quantizer does not see its transposed weight as a constant; sw-onnx's default).
-The table counts the quantized layers of every output to show it.
+Protocol: `sw_onnx.evaluate.perplexity`, WikiText-2 test from its start, non-overlapping windows of 512, the
+first --windows windows (16 for SmolLM2, 8 for Gemma); a model whose tokenizer config adds BOS (Gemma) gets
+BOS + 511 tokens per window. onnxruntime CPU, default session (QDQ fused into MatMulNBits, accuracy_level 4).
+The lm_head stays float in every row (onnxruntime's quantizer is told to leave it: same layers for all), so
+bits per weight count the same weights: every bit written for the quantized linear layers (codes, scales,
+zero points; for sw-onnx also its float side paths: `sw_onnx.plan.layer_bits`) over their weights.
 
-- onnxruntime: `MatMulNBitsQuantizer` (RTN, Python API), symmetric and asymmetric, QDQ for int4. Its 8-bit
-  path only writes MatMulNBits (QOperator) and only blocks of 16..256, so int8 is compared at its largest
-  block (256, accuracy_level 4 like the fused QDQ) against sw-onnx per-channel and b256.
-- sw-onnx: "default" is `QuantizeConfig()` with only the block size (and bits) changed; the other rows change
-  one more thing (keep-out, clip mode, sa_keep_out, symmetric). Super weights come from one `sw-onnx detect`
-  run passed as a report (what keep="auto" finds, without detecting again for every row).
-- Time and peak RSS (VmHWM) of each quantizer run in its own process, imports included, verification off.
-  The speed section repeats onnxruntime vs the sw-onnx default at the default block size --repeats times on
-  the inline model and on an external-data copy (which sw-onnx memory-maps), best wall time, highest RSS.
+Rows per block size: onnxruntime `MatMulNBitsQuantizer` RTN symmetric and asymmetric (QDQ), HQQ (float zero
+points, QOperator), k_quant (QOperator; failures noted); sw-onnx RTN (``--clip none``), the sw-onnx default,
+``--bits-per-weight 4.5`` and ``4.85`` (``--allocation damage``, the default planner), the k_quant_mixed-style
+rule (``--allocation kquant``) at the same budgets, the whole rule, and the planner at the whole rule's bits.
+Super weights (and input statistics) come from one ``sw-onnx detect --json`` report per model.
 
-Usage: python bench/quantize_quality.py [MODEL_DIR] [--windows 8] [--blocks 32 64 128 256 512 1024]
-       [--repeats 3] [--skip-quality] [--markdown docs/quantize_quality.md] [--json docs/quantize_quality.json]
+Rows are kept in --json as they are measured (``--resume`` skips those already there), so a long run can be
+continued. Usage::
+
+    python bench/quantize_quality.py [--models smollm2 smollm2-offgrid gemma3 gemma3-offgrid] [--blocks 32 64 128 256]
+        [--windows N] [--resume] [--only ROW ...] [--markdown docs/quantize_quality.md] [--json docs/quantize_quality.json]
+    python bench/quantize_quality.py --from-json      # rewrite the markdown only
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import shutil
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-QUANTIZE_CHILD = r"""
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"smollm2": "smollm2-135m", "smollm2-offgrid": "smollm2-135m-offgrid-s0", "gemma3": "gemma3-270m",
+          "gemma3-offgrid": "gemma3-270m-offgrid-s0"}
+DEFAULT_WINDOWS = {"smollm2": 16, "smollm2-offgrid": 16, "gemma3": 8, "gemma3-offgrid": 8}
+BUDGETS = (4.5, 4.85)
+ROWS = ("ort-rtn-sym", "ort-rtn-asym", "ort-hqq", "ort-kquant", "sw-rtn", "sw-default", "sw-bpw-4.5", "sw-bpw-4.85",
+        "kquant-bpw-4.5", "kquant-bpw-4.85", "kquant-rule", "sw-bpw-rule")
+SIZE_ROWS = ("size-default", "size-emb8", "size-emb8-b128", "size-emb4", "size-emb4-head4", "size-head-float")
+"""Whole outputs as shipped (the lm_head and embedding included), at the default block: size and perplexity."""
+SIZE_PARAMS = {"size-default": {}, "size-emb8": {"embedding_bits": 8}, "size-emb4": {"embedding_bits": 4},
+               "size-emb8-b128": {"embedding_bits": 8, "lm_head_block_size": 128},
+               "size-emb4-head4": {"embedding_bits": 4, "lm_head_bits": 4}, "size-head-float": {"lm_head_bits": 0}}
+LABELS = {
+    "ort-rtn-sym": "onnxruntime RTN symmetric", "ort-rtn-asym": "onnxruntime RTN asymmetric",
+    "ort-hqq": "onnxruntime HQQ", "ort-kquant": "onnxruntime k_quant", "sw-rtn": "sw-onnx RTN (`--clip none`)",
+    "sw-default": "sw-onnx default", "sw-bpw-4.5": "sw-onnx `--bits-per-weight 4.5`",
+    "sw-bpw-4.85": "sw-onnx `--bits-per-weight 4.85`", "kquant-bpw-4.5": "k_quant_mixed-style rule within 4.5",
+    "kquant-bpw-4.85": "k_quant_mixed-style rule within 4.85", "kquant-rule": "k_quant_mixed-style rule, whole",
+    "sw-bpw-rule": "sw-onnx `--bits-per-weight` = the whole rule's",
+    "size-default": "default (`QuantizeConfig()`)", "size-emb8": "`--embedding-bits 8`",
+    "size-emb8-b128": "`--embedding-bits 8 --lm-head-block-size 128`", "size-emb4": "`--embedding-bits 4`",
+    "size-emb4-head4": "`--embedding-bits 4 --lm-head-bits 4`", "size-head-float": "`--lm-head-bits 0`",
+}
+
+CHILD = r"""
 import json, sys, time, logging
-t = time.perf_counter(); c = time.process_time()
+t = time.perf_counter()
 def peak():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 tool, src, dst, params = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+out = {}
 if tool == "ort":
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
     from onnxruntime.quantization.quant_utils import QuantFormat
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
-    fmt = QuantFormat.QDQ if params["format"] == "qdq" else QuantFormat.QOperator
-    q = mnq.MatMulNBitsQuantizer(onnx.load(src), bits=params["bits"], block_size=params["block_size"],
-                                 is_symmetric=params["symmetric"], quant_format=fmt,
-                                 accuracy_level=params.get("accuracy_level"))
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    algo = None
+    fmt = QuantFormat.QDQ
+    if params["algo"] == "hqq":
+        algo, fmt = mnq.HQQWeightOnlyQuantConfig(block_size=params["block_size"], bits=4), QuantFormat.QOperator
+    elif params["algo"] == "k_quant":
+        algo, fmt = mnq.KQuantWeightOnlyQuantConfig(), QuantFormat.QOperator
+    q = mnq.MatMulNBitsQuantizer(onnx.load(src), bits=4, block_size=params["block_size"], is_symmetric=params["symmetric"],
+                                 quant_format=fmt, nodes_to_exclude=params["exclude"], algo_config=algo)
     q.process()
     q.model.save_model_to_file(dst, use_external_data_format=False)
 else:
     from sw_onnx.quantize import QuantizeConfig, quantize_model
-    quantize_model(src, dst, QuantizeConfig(**{"lm_head_bits": 0, **params}, force=True, verify=False))  # same layers as onnxruntime
-print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c, "peak_rss_mb": peak()}))
+    s = quantize_model(src, dst, QuantizeConfig(**params, force=True, verify=False))
+    t_ = s.totals()
+    out = {"bits_per_weight": t_["bits_per_weight"], "eight_bit_share": sum(p.k * p.n for p in s.quantized if p.bits == 8) / t_["weights"],
+           "bits_per_weight_with_embeddings": t_["bits_per_weight_with_embeddings"], "quantized_layers": t_["quantized"]}
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak(), **out}))
 """
 
 
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
-
-
-def _quantized_layers(path: Path) -> int:
-    import onnx
-
-    ops = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
-    return ops["DequantizeLinear"] + ops["MatMulNBits"]
-
-
-def _quantize(tool: str, src: Path, dst: Path, params: dict, root: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", QUANTIZE_CHILD, tool, str(src), str(dst), json.dumps(params)],
-                         capture_output=True, text=True, cwd=root)
+def _run_child(tool: str, src: Path, dst: Path, params: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, tool, str(src), str(dst), json.dumps(params)],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
         raise RuntimeError((out.stderr.strip().splitlines() or ["failed"])[-1][:300])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _clean(work: Path, name: str) -> None:
-    for p in work.iterdir():
-        if p.name.startswith(name):
-            p.unlink()
-
-
-def _configs(blocks: list[int], report: str, default) -> list[tuple[str, str, dict, str]]:
-    """(group, tool, params, label) for every row of the quality table."""
-    out = []
-    sym_default = default.symmetric
-    for block in blocks:
-        g = f"int4 b{block}"
-        for sym in (True, False):
-            out.append((g, "ort", {"bits": 4, "block_size": block, "symmetric": sym, "format": "qdq"},
-                        f"onnxruntime RTN {'sym' if sym else 'asym'}"))
-        out.append((g, "sw", {"block_size": block, "keep": report}, "sw-onnx default"))
-        out.append((g, "sw", {"block_size": block, "keep": "none"}, "sw-onnx default, keep-out off"))
-        out.append((g, "sw", {"block_size": block, "keep": report, "sa_keep_out": False}, "sw-onnx default, sa_keep_out off"))
-        out.append((g, "sw", {"block_size": block, "keep": "none", "sa_keep_out": False},
-                    "sw-onnx default, sa_keep_out and keep-out off"))
-        for clip in ("none", "zscore"):
-            for keep in (report, "none"):
-                out.append((g, "sw", {"block_size": block, "keep": keep, "clip": clip},
-                            f"sw-onnx clip {clip}, keep-out {'on' if keep != 'none' else 'off'}"))
-        out.append((g, "sw", {"block_size": block, "keep": report, "symmetric": not sym_default},
-                    f"sw-onnx default but {'asymmetric' if sym_default else 'symmetric'}"))
-    g = "int8"
-    for sym in (True, False):
-        out.append((g, "ort", {"bits": 8, "block_size": 256, "symmetric": sym, "format": "qop", "accuracy_level": 4},
-                    f"onnxruntime RTN {'sym' if sym else 'asym'} b256 (its largest 8-bit block)"))
-    out.append((g, "sw", {"bits": 8, "block_size": 0, "keep": report}, "sw-onnx default, per-channel"))
-    out.append((g, "sw", {"bits": 8, "block_size": 0, "keep": report, "sa_keep_out": False}, "sw-onnx default, per-channel, sa_keep_out off"))
-    out.append((g, "sw", {"bits": 8, "block_size": 256, "keep": report}, "sw-onnx default, b256"))
-    return out
-
-
-def _speed(src: Path, work: Path, report: str, default, repeats: int, root: Path) -> list[dict]:
-    """onnxruntime vs the sw-onnx default at the default block size, inline and external-data models."""
+def file_bits_per_weight(path: Path) -> tuple[float, int]:
+    """(bits per weight, layers) of a file's quantized linear layers: the bytes of MatMulNBits' B, scales and
+    zero points, or of a DequantizeLinear's codes, scales and zero points, over their K * N weights."""
+    import numpy as np
     import onnx
 
-    ext_dir = work / "external"
-    ext_dir.mkdir(exist_ok=True)
-    ext = ext_dir / "model.onnx"
-    onnx.save(onnx.load(str(src)), str(ext), save_as_external_data=True, location="model.onnx.data")
-    for p in src.parent.glob("*.json"):
-        shutil.copy(p, ext_dir / p.name)
-    block, sym = default.block_size, default.symmetric
-    tools = [
-        ("onnxruntime", "ort", {"bits": 4, "block_size": block, "symmetric": sym, "format": "qdq"}),
-        ("sw-onnx default", "sw", {"keep": report}),
-        ("sw-onnx default, sa_keep_out off", "sw", {"keep": report, "sa_keep_out": False}),
-    ]
-    rows = []
-    for form, model in (("inline", src), ("external data", ext)):
-        runs: dict[str, list[dict]] = {name: [] for name, _, _ in tools}
-        for _ in range(repeats):  # interleaved, so that a busy machine slows every tool alike
-            for name, tool, params in tools:
-                runs[name].append(_quantize(tool, model, work / "speed.onnx", params, root))
-                _clean(work, "speed.onnx")
-        base = None
-        for name, _, _ in tools:
-            wall = min(r["seconds"] for r in runs[name])
-            cpu = min(r["cpu_seconds"] for r in runs[name])
-            rss = max(r["peak_rss_mb"] for r in runs[name])
-            base = base or (wall, rss)
-            rows.append({"model": form, "tool": name, "seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": rss,
-                         "time_ratio": wall / base[0], "rss_ratio": rss / base[1], "repeats": repeats,
-                         "all_seconds": [round(r["seconds"], 2) for r in runs[name]]})
-            print(f"speed {form} {name}: {wall:.2f} s, {rss:.0f} MB", file=sys.stderr)
-    return rows
+    model = onnx.load(str(path), load_external_data=False)
+    sizes = {t.name: _tensor_bits(t) for t in model.graph.initializer}
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    bits = weights = layers = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            weights += attrs["K"] * attrs["N"]
+        elif node.op_type == "DequantizeLinear" and node.input[0] in dims and len(dims[node.input[0]]) == 2:
+            weights += int(np.prod(dims[node.input[0]]))
+        else:
+            continue
+        layers += 1
+        bits += sum(sizes.get(i, 0) for i in (node.input[1:4] if node.op_type == "MatMulNBits" else node.input[:3]))
+    return (bits / weights if weights else float("nan")), layers
+
+
+def _tensor_bits(t) -> int:
+    import numpy as np
+    from onnx import TensorProto
+
+    width = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.UINT8: 8, TensorProto.INT8: 8,
+             TensorProto.FLOAT16: 16, TensorProto.FLOAT: 32}.get(t.data_type, 0)
+    return int(np.prod(t.dims)) * width if t.dims else width
+
+
+def _params(row: str, block: int, report: str, rule_bpw: float | None) -> tuple[str, dict] | None:
+    if row in SIZE_PARAMS:
+        return "sw", {"keep": report, **SIZE_PARAMS[row]}
+    sw = {"block_size": block, "keep": report, "lm_head_bits": 0}
+    if row.startswith("ort-"):
+        algo = {"ort-hqq": "hqq", "ort-kquant": "k_quant"}.get(row, "rtn")
+        return "ort", {"algo": algo, "block_size": block, "symmetric": row == "ort-rtn-sym", "exclude": ["/lm_head/MatMul"]}
+    if row == "sw-rtn":
+        return "sw", {**sw, "clip": "none"}
+    if row == "sw-default":
+        return "sw", sw
+    if row.startswith("sw-bpw-") and row != "sw-bpw-rule":
+        return "sw", {**sw, "bits_per_weight": float(row.rsplit("-", 1)[1])}
+    if row.startswith("kquant-bpw-"):
+        return "sw", {**sw, "allocation": "kquant", "bits_per_weight": float(row.rsplit("-", 1)[1])}
+    if row == "kquant-rule":
+        return "sw", {**sw, "allocation": "kquant"}
+    if row == "sw-bpw-rule":
+        return ("sw", {**sw, "bits_per_weight": rule_bpw}) if rule_bpw else None
+    raise ValueError(row)
+
+
+def measure(args) -> None:
+    from sw_onnx.evaluate import default_wikitext_path, load_tokenizer, perplexity, wikitext_token_ids
+    from sw_onnx.inputs import bos_convention
+
+    cache = Path(os.environ.get("SW_ONNX_CACHE", Path.home() / ".cache" / "sw-onnx"))
+    data = json.loads(Path(args.json_path).read_text()) if args.resume and Path(args.json_path).is_file() else {"rows": []}
+    done = {(r["model"], r["block"], r["row"]) for r in data["rows"] if "error" not in r or not args.retry_failed}
+    data["rows"] = [r for r in data["rows"] if (r["model"], r["block"], r["row"]) in done]
+    work = Path(tempfile.mkdtemp(prefix="sw-onnx-quality-"))
+    for name in args.models:
+        folder = cache / MODELS[name]
+        if not (folder / "model.onnx").is_file():
+            print(f"{name}: {folder} missing, skipped", file=sys.stderr)
+            continue
+        windows = args.windows or DEFAULT_WINDOWS[name]
+        bos, add_bos = bos_convention(folder)
+        ids = wikitext_token_ids(load_tokenizer(folder), default_wikitext_path())
+
+        def ppl(path: Path) -> float:
+            return perplexity(path, ids, context=512, max_windows=windows, bos=bos if add_bos else None).perplexity
+
+        report = work / f"{name}.detect.json"
+        if not report.is_file():
+            subprocess.run([sys.executable, "-m", "sw_onnx.cli", "detect", str(folder), "--json", str(report)], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if (name, 0, "fp32") not in done:
+            _record(data, args, {"model": name, "block": 0, "row": "fp32", "windows": windows, "ppl": ppl(folder / "model.onnx")})
+        for block in args.blocks:
+            for row in ROWS if args.only is None else args.only:
+                if (name, block, row) in done:
+                    continue
+                rule = next((r.get("bits_per_weight") for r in data["rows"] if (r["model"], r["block"], r["row"]) == (name, block, "kquant-rule")), None)
+                spec = _params(row, block, str(report), rule)
+                if spec is None:
+                    continue
+                _record(data, args, _measure_row(name, block, row, spec, folder, work, windows, ppl))
+        for row in args.size or ():
+            if (name, 0, row) not in done:
+                _record(data, args, _measure_row(name, 0, row, _params(row, 0, str(report), None), folder, work,
+                                                 windows, ppl))
+    data.update(date=time.strftime("%Y-%m-%d"), cores=os.cpu_count())
+    Path(args.json_path).write_text(json.dumps(data, indent=1))
+
+
+def _measure_row(name, block, row, spec, folder, work, windows, ppl) -> dict:
+    tool, params = spec
+    rec = {"model": name, "block": block, "row": row, "windows": windows,
+           "params": {k: ("report" if k == "keep" else v) for k, v in params.items()}}
+    dst = work / "q.onnx"
+    try:
+        rec.update(_run_child(tool, folder / "model.onnx", dst, params))
+        if tool == "ort":
+            rec["bits_per_weight"], rec["layers"] = file_bits_per_weight(dst)
+        rec["bytes"] = sum(p.stat().st_size for p in work.iterdir() if p.name.startswith("q.onnx"))
+        rec["ppl"] = ppl(dst)
+    except Exception as e:  # one failed row must not lose the others
+        rec["error"] = str(e)[:300]
+    for p in work.iterdir():
+        if p.name.startswith("q.onnx"):
+            p.unlink()
+    return rec
+
+
+def _record(data: dict, args, rec: dict) -> None:
+    data["rows"].append(rec)
+    Path(args.json_path).write_text(json.dumps(data, indent=1))
+    text = f"{rec['ppl']:.2f}" if "ppl" in rec else f"FAILED {rec.get('error')}"
+    print(f"{rec['model']} b{rec['block']} {rec['row']}: {text} ({rec.get('bits_per_weight', '')} bpw)", file=sys.stderr)
+
+
+def markdown(data: dict) -> str:
+    lines = ["# int4 quality on real float weights, on and off the 4-bit grid", "",
+             f"`python bench/quantize_quality.py` ({data.get('date', '')}, {data.get('cores', '')} cores; rows as "
+             "measured, `--resume` continues a run). WikiText-2 perplexity (windows of 512 from the test text's start; "
+             "Gemma: BOS + 511 tokens per window), onnxruntime CPU default session. The lm_head stays float in every "
+             "row; **bpw** = bits per weight over the same quantized layers (codes, scales, zero points and sw-onnx's "
+             "float side paths). *gap closed* = (best onnxruntime RTN - row) / (best onnxruntime RTN - fp32) at that "
+             "block size. Lower perplexity is better.", ""]
+    rows = data["rows"]
+    for name in MODELS:
+        mine = [r for r in rows if r["model"] == name]
+        if not mine:
+            continue
+        fp32 = next((r["ppl"] for r in mine if r["row"] == "fp32"), float("nan"))
+        windows = next((r["windows"] for r in mine), "")
+        lines += [f"## {name} ({MODELS[name]}), {windows} windows, fp32 {fp32:.2f}", ""]
+        blocks = sorted({r["block"] for r in mine if r["block"]})
+        lines += ["| row | " + " | ".join(f"b{b}: ppl | bpw | gap closed" for b in blocks) + " |",
+                  "|---|" + "---|---|---|" * len(blocks)]
+        for row in ROWS:
+            cells = []
+            for b in blocks:
+                r = next((x for x in mine if x["block"] == b and x["row"] == row), None)
+                best = min((x["ppl"] for x in mine if x["block"] == b and x["row"] in ("ort-rtn-sym", "ort-rtn-asym")
+                            and "ppl" in x), default=float("nan"))
+                if r is None:
+                    cells.append(" | | ")
+                elif "error" in r:
+                    cells.append(f"failed: {r['error'][:80]} | | ")
+                else:
+                    gap = (best - r["ppl"]) / (best - fp32) if best == best and best != fp32 else float("nan")
+                    cells.append(f"{r['ppl']:.2f} | {r.get('bits_per_weight', float('nan')):.3f} | {gap:+.0%}")
+            lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    sized = [r for r in rows if r["row"] in SIZE_ROWS]
+    if sized:
+        lines += ["## Whole outputs as shipped (lm_head and embeddings included)", "",
+                  "| model | output | ppl | MB | bits per weight (linear layers) | with embeddings |", "|---|---|---|---|---|---|"]
+        for r in sized:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {LABELS[r['row']]} | failed: {r['error'][:80]} | | | |")
+            else:
+                lines.append(f"| {r['model']} | {LABELS[r['row']]} | {r['ppl']:.2f} | {r['bytes'] / 1e6:.1f} | "
+                             f"{r.get('bits_per_weight', float('nan')):.3f} | {r.get('bits_per_weight_with_embeddings') or float('nan'):.3f} |")
+        lines.append("")
+    lines += ["Notes:", "",
+              "- `--bits-per-weight` below what int4 at the block costs everywhere is refused (a usage error): "
+              "such cells are empty.",
+              "- The k_quant_mixed-style rule (`--allocation kquant`): llama.cpp's use_more_bits as onnxruntime-genai's "
+              "k_quant_mixed applies it (q/k/v and down_proj of layers i < n/8, i >= 7n/8, (i - n/8) % 3 == 2 at "
+              "8 bits; the lm_head too, float here), taken in that order while the budget lasts.",
+              "- onnxruntime HQQ and k_quant write MatMulNBits directly (QOperator); HQQ's zero points are floats.", ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", nargs="?")
-    parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
-    parser.add_argument("--repeats", type=int, default=3, help="runs per tool and model in the speed section")
-    parser.add_argument("--skip-quality", action="store_true", help="only the speed and memory section")
-    parser.add_argument("--reuse-quality", action="store_true",
-                        help="with --skip-quality: keep the perplexity rows of the existing --json file")
-    parser.add_argument("--from-json", action="store_true", help="only rewrite --markdown from the existing --json")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--windows", type=int, default=None, help="default: 16 for SmolLM2, 8 for Gemma-3")
+    parser.add_argument("--only", nargs="*", choices=ROWS, default=None, help="only these rows (`--only` alone: none)")
+    parser.add_argument("--size", nargs="*", choices=SIZE_ROWS, default=None,
+                        help="also whole outputs as shipped (lm_head, embeddings): size and perplexity")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip them")
+    parser.add_argument("--retry-failed", action="store_true", help="with --resume: measure failed rows again")
+    parser.add_argument("--from-json", action="store_true", help="only rewrite --markdown from --json")
     parser.add_argument("--markdown", default="docs/quantize_quality.md")
     parser.add_argument("--json", dest="json_path", default="docs/quantize_quality.json")
     args = parser.parse_args()
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root))
-    from sw_onnx.evaluate import default_wikitext_path, load_tokenizer, perplexity, wikitext_token_ids
-    from sw_onnx.quantize import QuantizeConfig
-
-    default = QuantizeConfig()
-    if args.from_json:
-        previous = json.loads(Path(args.json_path).read_text())
-        args.windows = previous["windows"]
-        text = _markdown(previous["rows"], previous["speed"], args, default, 0.0,
-                         previous.get("quality_date", previous.get("date", "")), previous.get("date"))
-        Path(args.markdown).write_text(text)
-        print(text)
-        return
-    if args.model is None:
-        from sample_models.export_smollm2 import export_smollm2
-
-        args.model = str(export_smollm2(quiet=True))
-    folder = Path(args.model)
-    src = folder / "model.onnx" if folder.is_dir() else folder
-    work = Path(tempfile.mkdtemp(prefix="sw-onnx-quality-"))
-    report = str(work / "detect.json")
-    subprocess.run([sys.executable, "-m", "sw_onnx.cli", "detect", str(src), "--json", report], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
-    started = time.time()
-
-    rows = []
-    quality_date = time.strftime("%Y-%m-%d")
-    if args.skip_quality and args.reuse_quality and Path(args.json_path).is_file():
-        previous = json.loads(Path(args.json_path).read_text())
-        rows, quality_date = previous["rows"], previous.get("quality_date", previous.get("date", quality_date))
-        args.windows = previous.get("windows", args.windows)
-    if not args.skip_quality:
-        ids = wikitext_token_ids(load_tokenizer(src.parent), default_wikitext_path())
-
-        def ppl(path: Path) -> float:
-            return perplexity(path, ids, context=512, max_windows=args.windows).perplexity
-
-        rows.append({"group": "fp32", "name": "fp32", "tool": "none", "ppl": ppl(src), "bytes": _size(src), "layers": 0})
-        print(f"fp32: {rows[0]['ppl']:.2f}", file=sys.stderr)
-        for group, tool, params, label in _configs(args.blocks, report, default):
-            dst = work / "q.onnx"
-            row = {"group": group, "name": label, "tool": tool,
-                   "params": {k: ("report" if v == report else v) for k, v in params.items()}}
-            try:
-                stats = _quantize(tool, src, dst, params, root)
-                row.update(ppl=ppl(dst), bytes=_size(dst), layers=_quantized_layers(dst), **stats)
-                print(f"{group} {label}: {row['ppl']:.2f} ({row['layers']} layers, {row['seconds']:.1f} s, "
-                      f"{row['peak_rss_mb']:.0f} MB)", file=sys.stderr)
-            except Exception as e:  # one failed variant must not lose the others
-                row["error"] = str(e)[:300]
-                print(f"{group} {label}: FAILED {row['error']}", file=sys.stderr)
-            rows.append(row)
-            _clean(work, "q.onnx")
-    speed = _speed(src, work, report, default, args.repeats, root)
-    shutil.rmtree(work, ignore_errors=True)
-
-    text = _markdown(rows, speed, args, default, time.time() - started, quality_date, time.strftime("%Y-%m-%d"))
-    print(text)
+    sys.path.insert(0, str(ROOT))
+    if not args.from_json:
+        measure(args)
+    text = markdown(json.loads(Path(args.json_path).read_text()))
     Path(args.markdown).write_text(text)
-    Path(args.json_path).write_text(json.dumps({"windows": args.windows, "default": default.to_dict(), "rows": rows,
-                                                "speed": speed, "quality_date": quality_date,
-                                                "date": time.strftime("%Y-%m-%d")}, indent=2))
-
-
-def _markdown(rows: list[dict], speed: list[dict], args, default, seconds: float, quality_date: str,
-              speed_date: str | None) -> str:
-    import os
-
-    lines = ["# int4/int8 quality and quantizer cost on SmolLM2-135M-Instruct", "",
-             f"WikiText-2 perplexity ({args.windows} windows of 512 tokens, `sw_onnx.evaluate`), onnxruntime CPU "
-             f"default session (QDQ fused into MatMulNBits, accuracy_level 4), {quality_date}, "
-             f"{os.cpu_count()} cores. Reproduce: `python bench/quantize_quality.py --windows {args.windows}` "
-             f"(about 20 minutes on this 2-core machine; `--skip-quality --reuse-quality` redoes only the time and "
-             f"memory section, last run {speed_date}).", "",
-             f"sw-onnx default: `QuantizeConfig()` = {'symmetric' if default.symmetric else 'asymmetric'} "
-             f"int{default.bits}, clip {default.clip}, keep auto, sa_keep_out {'on' if default.sa_keep_out else 'off'}, "
-             f"lm_head float; each row changes only what it says. Same 210 layers quantized by both tools "
-             f"(column *layers*; the tied lm_head stays float in both).", ""]
-    ok = [r for r in rows if "error" not in r]
-    if rows:
-        fp32 = next((r["ppl"] for r in rows if r["group"] == "fp32"), float("nan"))
-        groups = [g for g in dict.fromkeys(r["group"] for r in rows) if g != "fp32"]
-        heads = ["onnxruntime RTN sym", "onnxruntime RTN asym", "sw-onnx default", "sw-onnx default, keep-out off",
-                 "sw-onnx default, sa_keep_out off", "sw-onnx default, sa_keep_out and keep-out off"]
-        lines += ["## Summary", "", f"fp32: {fp32:.2f}. Lower is better; **bold**: best of the row.", "",
-                  "| weights | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
-        for g in groups:
-            by = {r["name"]: r for r in ok if r["group"] == g}
-            if g == "int8":
-                names = ["onnxruntime RTN sym b256 (its largest 8-bit block)", "onnxruntime RTN asym b256 (its largest 8-bit block)",
-                         "sw-onnx default, per-channel", None, "sw-onnx default, per-channel, sa_keep_out off", None]
-                label = "int8 (onnxruntime b256, sw-onnx per-channel)"
-            else:
-                names, label = heads, g
-            vals = [by[n]["ppl"] if n in by else None for n in names]
-            best = min(v for v in vals if v is not None) if any(v is not None for v in vals) else None
-            cells = ["" if v is None else (f"**{v:.2f}**" if v == best else f"{v:.2f}") for v in vals]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines += ["", "## All rows", "", "| weights | variant | ppl | layers | size MB | quantize s | peak RSS MB |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if "error" in r:
-                lines.append(f"| {r['group']} | {r['name']} | failed: {r['error']} | | | | |")
-            else:
-                lines.append(f"| {r['group']} | {r['name']} | {r['ppl']:.2f} | {r['layers']} | {r['bytes'] / 1e6:.1f} | "
-                             f"{r.get('seconds', 0):.1f} | {r.get('peak_rss_mb', 0):.0f} |")
-    if rows:
-        lines += ["", "Notes:", "",
-                  "- With `sa_keep_out` (default) the input rows of the super weights leave the int4 weight for a float "
-                  "side path, so keep-out on/off give the same file; the `sa_keep_out off` columns show keep-out alone.",
-                  "- `clip zscore` uses z = 12 (`sw_onnx.kernels.DEFAULT_ZSCORE`): at blocks up to 128 it clips nothing "
-                  "here, so it equals `clip none` there.",
-                  "- onnxruntime's 8-bit quantizer supports neither QDQ nor blocks above 256 (`MlasQuantizeBlockwise`), "
-                  "hence int8 compared at its b256 (MatMulNBits, accuracy_level 4) against sw-onnx per-channel.",
-                  "- Sizes include the float embedding/lm_head (113 MB of the 539 MB) that both leave unquantized."]
-    block = f"b{default.block_size}" if default.block_size else "per-channel"
-    lines += ["", f"## Quantizer time and memory (int{default.bits} {block}, verification off, super weights from a report)", "",
-              f"Best wall time of {speed[0]['repeats'] if speed else 0} interleaved runs per tool (imports, load and save "
-              "included), highest peak RSS. Ratios against onnxruntime's quantizer on the same model file.", "",
-              "| model file | quantizer | wall s | CPU s | peak RSS MB | time ratio | RSS ratio |", "|---|---|---|---|---|---|---|"]
-    for r in speed:
-        lines.append(f"| {r['model']} | {r['tool']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['time_ratio']:.2f}x | {r['rss_ratio']:.2f}x |")
-    lines += ["", "Where the time and memory go (sw-onnx, `sa_keep_out` off): the w^2-weighted search of the default "
-              "(two range families x 9 shrink factors, pruned by a lower bound) is about 1.6 s of numpy for the 106 M "
-              "weights (plain round-to-nearest 0.16 s); importing onnx-ir (sympy) about 0.4 s; the inline file is parsed "
-              "whole (1.6 s, and the 540 MB of weights are then resident), while external data is memory-mapped "
-              "(0.3 s). `sa_keep_out` adds an onnxruntime calibration session over the float model."]
-    return "\n".join(lines) + "\n"
+    print(text)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ def eval_command(
     max_tokens: _MaxTokensOpt = None,
     json_path: _JsonOpt = None,
     provider: ProviderOpt = "cpu",
+    bos: Annotated[bool, typer.Option("--bos", help="Start every window with the model's BOS (config.json), then --context - 1 text tokens: for models that need it (Gemma).")] = False,
 ) -> None:
     """Perplexity on a text (default: WikiText-2 test): mean next-token NLL over windows of --context, exp."""
     from sw_onnx.evaluate import text_token_ids
@@ -77,11 +78,18 @@ def eval_command(
     from sw_onnx.measure import evaluate_model
 
     providers = execution_providers(provider)
-    resolve_model_path(model)
+    path = resolve_model_path(model)
+    bos_id = None
+    if bos:
+        from sw_onnx.inputs import bos_convention
+
+        bos_id, _ = bos_convention(path.parent)
+        if bos_id is None:
+            raise UsageError("--bos: no bos_token_id in the model's config.json")
     ids, source = text_token_ids(model, text=text, tokenizer=tokenizer)
     progress(f"text: {source}")
     result = evaluate_model(model, ids, context=context, max_tokens=max_tokens, providers=providers,
-                            progress=_ProgressBar("eval"), source=source)
+                            progress=_ProgressBar("eval"), source=source, bos=bos_id)
     if json_path is not None:
         _write_json(result.to_dict(), json_path)
     if str(json_path) != "-":

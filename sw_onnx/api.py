@@ -83,6 +83,7 @@ class QuantizeSummary:
             was quantized (otherwise they simply stay float with it).
         unused_keep: keep coordinates matching no quantized layer.
         layers: the plan, one `LayerPlan` per linear layer.
+        embeddings: the embedding tables quantized (`EmbeddingPlan`), empty unless ``embedding_bits``.
         input_bytes, output_bytes: on-disk sizes, external data included.
         input_sha256: hash of the input .onnx file (not of its external data).
         external_data: whether the output's weights are in ``<output>.data``.
@@ -98,6 +99,7 @@ class QuantizeSummary:
     kept: list[dict]
     unused_keep: list[dict]
     layers: list[LayerPlan]
+    embeddings: list = field(default_factory=list)
     input_bytes: int = 0
     output_bytes: int = 0
     input_sha256: str = ""
@@ -118,13 +120,25 @@ class QuantizeSummary:
         forms: dict[str, int] = {}
         for d in q:
             forms[d.form] = forms.get(d.form, 0) + 1
+        from sw_onnx.plan import layer_bits
+
         quant_bytes = sum(d.quantized_bytes for d in q)
         weights = sum(d.k * d.n for d in q)
+        bits = {"codes": 0, "scales": 0, "zero_points": 0, "side": 0}
+        for d in q:
+            for key, value in layer_bits(d).items():
+                bits[key] += value
+        emb_weights = sum(e.weights for e in self.embeddings)
+        emb_bits = sum(sum(e.bit_count().values()) for e in self.embeddings)
+        everything = weights + emb_weights
         return {
             "linear_layers": len(self.layers), "quantized": len(q), "skipped": len(self.layers) - len(q),
             "forms": forms, "kept_out": sum(len(d.kept) for d in q),
             "float_weight_bytes": sum(d.float_bytes for d in q), "quantized_weight_bytes": quant_bytes,
-            "bits_per_weight": round(8 * quant_bytes / weights, 3) if weights else None,
+            "weights": weights, "bit_count": bits,
+            "bits_per_weight": round(sum(bits.values()) / weights, 4) if weights else None,
+            "embedding_tables": len(self.embeddings), "embedding_weights": emb_weights, "embedding_bits": emb_bits,
+            "bits_per_weight_with_embeddings": round((sum(bits.values()) + emb_bits) / everything, 4) if everything else None,
         }
 
     def to_dict(self) -> dict:
@@ -134,7 +148,8 @@ class QuantizeSummary:
             "output": {"path": self.output_path, "bytes": self.output_bytes, "external_data": self.external_data},
             "config": self.config.to_dict(), "opset": self.opset,
             "keep": {"source": self.keep_source, "super_weights": self.kept, "unused": self.unused_keep},
-            "layers": [d.to_dict() for d in self.layers], "totals": self.totals(),
+            "layers": [d.to_dict() for d in self.layers], "embeddings": [e.to_dict() for e in self.embeddings],
+            "totals": self.totals(),
             "verification": self.verification, "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
@@ -167,6 +182,9 @@ class _Run:
     keep_records: list[dict] = field(default_factory=list)
     keep: list[Coordinate] = field(default_factory=list)
     ranges: dict | None = None
+    importance: dict | None = None
+    sensitivity: dict | None = None
+    hessians: dict | None = None
     accuracy_levels: dict[str, int] = field(default_factory=dict)
     reference_logits: tuple[str, np.ndarray] | None = None
     input_dims: dict = field(default_factory=dict)
@@ -230,8 +248,9 @@ def _write_quantized(run: _Run, tmp: Path) -> tuple[QuantPlan, QuantizeSummary]:
     _analyze(run, model, pristine)
     del pristine
     t1 = time.perf_counter()
-    plan = build_quant_plan(model, run.config, keep=run.keep, ranges=run.ranges,
-                            accuracy_levels=run.accuracy_levels, types=types)
+    plan = build_quant_plan(model, run.config, keep=run.keep, ranges=run.ranges, importance=run.importance,
+                            accuracy_levels=run.accuracy_levels, types=types, sensitivity=run.sensitivity,
+                            hessians=run.hessians)
     _rewrite(run, model, plan)
     summary = _summary(run, model, plan)
     summary.seconds["detect"] = t1 - t0
@@ -349,8 +368,14 @@ def _analyze(run: _Run, model: ir.Model, pristine: ir.Model) -> None:
     if config.format == "nbits":
         run.say("measuring layer inputs for accuracy_level (nbits)")
         run.accuracy_levels = _accuracy_levels(run, pristine, first_pass)
-    if config.activations != "none" or config.sa_keep_out:
-        _input_ranges(run, model, pristine)
+    if config.activations != "none" or config.sa_keep_out or config.uses_importance:
+        _input_statistics(run, model, pristine)
+    if config.gptq:
+        run.say("collecting each layer input's X^T X (GPTQ)")
+        run.hessians = _hessians(run, pristine)
+    if config.allocates and config.allocation == "damage" and _measures_sensitivity():
+        run.say("measuring each layer's int4 sensitivity on the prompt (bit allocation)")
+        run.sensitivity = _sensitivity(run, pristine)
 
 
 def _detect_for_keep(run: _Run, model: ir.Model):
@@ -363,20 +388,75 @@ def _detect_for_keep(run: _Run, model: ir.Model):
     run.keep_records = [{"node": sw.node, "initializer": sw.initializer, "index": [int(i) for i in sw.index],
                          "row": sw.row, "col": sw.col, "value": sw.value} for sw in result.super_weights]
     run.ranges, run.reference_logits = result.input_ranges, result.reference_logits
+    run.importance = result.input_importance
     return result
 
 
+def _hessians(run: _Run, model: ir.Model) -> dict:
+    """``X^T X`` per linear-layer input over ``calib_text``'s calibration windows, or the prompt."""
+    import numpy as np
+
+    from sw_onnx.analyze.input_stats import calibration_windows, collect_hessians
+
+    windows = [run.token_ids]
+    if run.config.calib_text is not None:
+        from sw_onnx.inputs import bos_convention
+        from sw_onnx.measure import text_token_ids
+
+        ids, _ = text_token_ids(run.src, text=run.config.calib_text)
+        bos, add_bos = bos_convention(run.src.parent)
+        windows = calibration_windows(ids, bos=bos if add_bos else None)
+    hessians = collect_hessians(model.clone(), windows, providers=run.config.providers)
+    gc.collect()
+    return {name: h.astype(np.float32) for name, h in hessians.items()}
+
+
+def _measures_sensitivity() -> bool:
+    from sw_onnx import plan
+
+    return plan.ALLOCATION_DAMAGE == "measured"
+
+
+def _sensitivity(run: _Run, model: ir.Model) -> dict[str, float]:
+    """KL of each layer's int4 round-to-nearest (super-activation rows and kept weights left exact) on the
+    prompt, one layer at a time (`sw_onnx.analyze.sensitivity.layer_sensitivity`)."""
+    from sw_onnx.analyze.sensitivity import layer_sensitivity
+    from sw_onnx.discover import find_linear_layers
+    from sw_onnx.kernels import dequantize_blockwise, quantize_blockwise
+    from sw_onnx.plan import kernel_block_size
+
+    clone = model.clone()
+    layers, _ = find_linear_layers(clone)
+    channels = {node: r.channels for r in (run.ranges or {}).values() for node in r.nodes}
+    config = run.config
+
+    def replacement(layer):
+        if len(layer.weight.initializer.uses()) > 1:  # shared (a tied lm_head): the others would change too
+            return None
+        w = layer.weight.effective_weight()
+        block = kernel_block_size(config.block_size, layer.k, config.format) or None
+        q = dequantize_blockwise(quantize_blockwise(w, bits=config.bits, block_size=block, symmetric=config.symmetric))
+        rows = [c for c in channels.get(layer.name, []) if 0 <= c < layer.k] if config.sa_keep_out else []
+        q[rows] = w[rows]
+        return q
+
+    return layer_sensitivity(clone, layers, run.token_ids, replacement, providers=config.providers)
+
+
 def _read_keep_report(run: _Run, path: Path) -> None:
-    from sw_onnx.analyze.input_stats import ranges_from_entries
+    from sw_onnx.analyze.input_stats import importance_from_entries, ranges_from_entries
     from sw_onnx.coordinates import read_detect_report
 
     report = read_detect_report(path)
     run.keep_records = report.super_weights
-    if report.input_ranges is not None:  # reports before sw-onnx 0.1.0's input_ranges: calibrate instead
+    for key, entries, read in (("input_ranges", report.input_ranges, ranges_from_entries),
+                               ("input_importance", report.input_importance, importance_from_entries)):
+        if entries is None:  # older reports: calibrate instead
+            continue
         try:
-            run.ranges = ranges_from_entries(report.input_ranges)
+            setattr(run, "ranges" if key == "input_ranges" else "importance", read(entries))
         except (KeyError, TypeError, ValueError) as e:
-            raise UsageError(f"--keep {path}: malformed input_ranges ({e})",
+            raise UsageError(f"--keep {path}: malformed {key} ({e})",
                              hint="write the report again with: sw-onnx detect MODEL --json REPORT.json") from None
 
 
@@ -395,22 +475,38 @@ def _accuracy_levels(run: _Run, model: ir.Model, detected) -> dict[str, int]:
                            kept_nodes=[r.get("node") for r in run.keep_records])
 
 
-def _input_ranges(run: _Run, model: ir.Model, pristine: ir.Model) -> None:
-    """Detection's input ranges (checked against the model), or a calibration run on a clone."""
+def _input_statistics(run: _Run, model: ir.Model, pristine: ir.Model) -> None:
+    """Detection's input ranges and importance (checked against the model), or a calibration run on a clone
+    of `pristine` (``calib_text``, or what detection or the report did not give)."""
     from sw_onnx.analyze.input_stats import calibrate_for_quantize
+
+    config = run.config
+    needs_ranges = config.activations != "none" or config.sa_keep_out
+    if config.calib_text is None:
+        _check_report_statistics(run, model)
+        if not (needs_ranges and run.ranges is None) and not (config.uses_importance and run.importance is None):
+            return
+    run.say("calibrating linear-layer inputs (super-activation entries, activation ranges, input importance)")
+    ranges, importance = calibrate_for_quantize(run.src, run.token_ids, calib_text=config.calib_text,
+                                                providers=config.providers, model=pristine.clone())
+    if config.calib_text is not None or run.ranges is None:
+        run.ranges = ranges
+    if config.calib_text is not None or run.importance is None:
+        run.importance = importance
+
+
+def _check_report_statistics(run: _Run, model: ir.Model) -> None:
+    """A report's input ranges and importance must name this model's linear layers, channels and widths."""
     from sw_onnx.discover import find_linear_layers
 
-    if run.ranges is not None and run.config.calib_text is None:
-        widths = {layer.node_name: layer.k for layer in find_linear_layers(model)[0]}
-        for r in run.ranges.values():
-            if any(node not in widths or any(not 0 <= c < widths[node] for c in r.channels) for node in r.nodes):
-                raise UsageError(f"--keep {run.config.keep}: its input_ranges name {r.nodes[0]!r}, which is not a "
-                                 "linear layer of this model with those channels",
-                                 hint="the report is probably for another model")
-        return
-    run.say("calibrating linear-layer inputs (super-activation entries, activation ranges)")
-    run.ranges = calibrate_for_quantize(run.src, run.token_ids, calib_text=run.config.calib_text,
-                                        providers=run.config.providers, model=pristine.clone())
+    widths = {layer.node_name: layer.k for layer in find_linear_layers(model)[0]}
+    entries = [(r.nodes, r.k, r.channels) for r in (run.ranges or {}).values()]
+    entries += [(i.nodes, i.k, []) for i in (run.importance or {}).values()]
+    for nodes, k, channels in entries:
+        if any(widths.get(node) != k or any(not 0 <= c < k for c in channels) for node in nodes):
+            raise UsageError(f"--keep {run.config.keep}: its input statistics name {nodes[0]!r}, which is not a "
+                             "linear layer of this model with those channels",
+                             hint="the report is probably for another model")
 
 
 def _upgrade_opset(run: _Run, model: ir.Model):
@@ -439,6 +535,7 @@ def _rewrite(run: _Run, model: ir.Model, plan: QuantPlan) -> None:
     import onnx_ir as ir
 
     from sw_onnx.passes.keep_out_channels import KeepOutActivationChannelsPass
+    from sw_onnx.passes.quantize_embeddings import QuantizeEmbeddingsPass
     from sw_onnx.passes.quantize_weights import QuantizeWeightsPass
     from sw_onnx.passes.w8a8 import QuantizeW8A8Pass
 
@@ -446,7 +543,7 @@ def _rewrite(run: _Run, model: ir.Model, plan: QuantPlan) -> None:
         reasons = sorted({p.reason for p in plan.layers}) or ["no linear layer found"]
         raise UnsupportedGraphError(f"nothing to quantize: {'; '.join(reasons)[:300]}", hint="check --exclude and --lm-head")
     weights = QuantizeW8A8Pass(plan) if run.config.activations == "int8" else QuantizeWeightsPass(plan)
-    ir.passes.Sequential(KeepOutActivationChannelsPass(plan), weights)(model)
+    ir.passes.Sequential(KeepOutActivationChannelsPass(plan), weights, QuantizeEmbeddingsPass(plan))(model)
 
 
 def _summary(run: _Run, model: ir.Model, plan: QuantPlan) -> QuantizeSummary:
@@ -457,7 +554,8 @@ def _summary(run: _Run, model: ir.Model, plan: QuantPlan) -> QuantizeSummary:
         input_path=str(run.src), output_path=str(run.out), config=run.config, opset=run.opset,
         keep_source=run.config.keep, kept=run.keep_records,
         unused_keep=[{"initializer": n, "index": list(i)} for n, i in plan.unused_keep],
-        layers=plan.layers, input_bytes=_model_bytes(run.src, model), input_sha256=run.input_sha256.result(),
+        layers=plan.layers, embeddings=plan.embeddings, input_bytes=_model_bytes(run.src, model),
+        input_sha256=run.input_sha256.result(),
     )
     model.metadata_props["sw_onnx.quantize"] = json.dumps(
         {"tool_version": __version__, "config": run.config.to_dict(),

@@ -106,6 +106,12 @@ VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Check the
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
 ActivationsOpt = Annotated[str, typer.Option("--activations", help="none (weight-only) or int8: W8A8 QDQ with --bits 8, int8 per-channel weights, static per-tensor int8 activations.")]
 CalibTextOpt = Annotated[Optional[Path], typer.Option("--calib-text", help="Text whose first 2048 tokens calibrate activation ranges and super-activation channels (default: the detection prompt).", show_default=False)]
+BitsPerWeightOpt = Annotated[Optional[float], typer.Option("--bits-per-weight", help="Budget of bits per weight (codes, scales, zero points, float side paths, over every quantized weight): int4 layers go to a smaller block or to int8 where that buys the most.", show_default=False)]
+AllocationOpt = Annotated[str, typer.Option("--allocation", help="With --bits-per-weight: damage (estimated damage per extra bit) or kquant (llama.cpp's use_more_bits rule, as k_quant_mixed; alone: the whole rule).")]
+EmbeddingBitsOpt = Annotated[int, typer.Option("--embedding-bits", help="0 (float), 4 or 8: embedding tables as GatherBlockQuantized, shared with a tied lm_head at the same bits.")]
+LmHeadBlockOpt = Annotated[int, typer.Option("--lm-head-block-size", help="Block of --lm-head-bits and of embedding tables (a power of two >= 16).")]
+GptqOpt = Annotated[bool, typer.Option("--gptq", help="GPTQ error compensation with the Hessian X^T X of each layer's inputs, from --calib-text (or the prompt: too few tokens for it).")]
+ErrorWeightOpt = Annotated[str, typer.Option("--error-weight", help="With --clip mse, weight each weight's squared rounding error by w2 (its square), x2 (its input channel's E[x^2], measured on the prompt or --calib-text) or w2x2 (both).")]
 SaKeepOutOpt = Annotated[bool, typer.Option("--sa-keep-out/--no-sa-keep-out", help="Keep super-activation entries out of activation quantization (int4: their channels leave MatMulNBits, exact on a float side path; W8A8: replaced by the median, restored exactly).")]
 
 
@@ -135,13 +141,18 @@ def _format_quantize_summary(summary) -> str:
             kind += ", int8 activations"
         if d.action == "quantized":
             level = f", accuracy_level {d.accuracy_level}" if d.accuracy_level is not None else ""
-            lines.append(f"{head} -> {kind} {d.form}{level} | {_mib(d.float_bytes)} -> {_mib(d.quantized_bytes)} | kept {len(d.kept)}")
+            lines.append(f"{head} -> {kind} {d.form}{level} | {_mib(d.float_bytes)} -> {_mib(d.quantized_bytes)} | "
+                         f"{d.bits_per_weight:.3f} bits per weight | kept {len(d.kept)}")
         else:
             lines.append(f"{head} float | skipped: {d.reason}")
+    for e in getattr(summary, "embeddings", []):
+        lines.append(f"embedding {e.initializer} [{e.vocab}x{e.hidden}] -> {e.reason}")
     t = summary.totals()
     lines.append(
         f"quantized {t['quantized']} of {t['linear_layers']} linear layers ({', '.join(f'{k} {v}' for k, v in t['forms'].items())}), "
         f"{t['kept_out']} super weight(s) kept out, {t['bits_per_weight']} bits per weight"
+        + (f"; {t['embedding_tables']} embedding table(s) quantized, {t['bits_per_weight_with_embeddings']} bits per "
+           "weight with them" if t.get("embedding_tables") else "")
     )
     lines.append(f"model size {_mib(summary.input_bytes)} -> {_mib(summary.output_bytes)}; opset {summary.opset['from']} -> {summary.opset['to']} ({summary.opset['method']})")
     v = summary.verification
@@ -179,6 +190,12 @@ def quantize(
     activations: ActivationsOpt = _QDEFAULT.activations,
     calib_text: CalibTextOpt = None,
     sa_keep_out: SaKeepOutOpt = _QDEFAULT.sa_keep_out,
+    error_weight: ErrorWeightOpt = _QDEFAULT.error_weight,
+    bits_per_weight: BitsPerWeightOpt = _QDEFAULT.bits_per_weight,
+    allocation: AllocationOpt = _QDEFAULT.allocation,
+    embedding_bits: EmbeddingBitsOpt = _QDEFAULT.embedding_bits,
+    gptq: GptqOpt = _QDEFAULT.gptq,
+    lm_head_block_size: LmHeadBlockOpt = _QDEFAULT.lm_head_block_size,
 ) -> None:
     """Quantize the linear layers to int4/int8 blocks, keeping the super weights exact; verify before writing."""
     from sw_onnx.quantize import QuantizeConfig, quantize_model
@@ -192,7 +209,8 @@ def quantize(
         exclude=tuple(exclude or ()), include_lm_head=lm_head, format=format, verify=verify, force=force,
         providers=tuple(execution_providers(provider)) if provider != "cpu" else None,
         activations=activations, calib_text=str(calib_text) if calib_text is not None else None, sa_keep_out=sa_keep_out,
-        lm_head_bits=lm_head_bits,
+        lm_head_bits=lm_head_bits, error_weight=error_weight, bits_per_weight=bits_per_weight, allocation=allocation,
+        embedding_bits=embedding_bits, gptq=gptq, lm_head_block_size=lm_head_block_size,
     )
     try:
         summary = quantize_model(model, output, config, progress=progress)

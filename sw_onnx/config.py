@@ -7,9 +7,11 @@ from dataclasses import asdict, dataclass
 
 from sw_onnx.errors import UsageError
 
-__all__ = ["CLIP_MODES", "FORMATS", "LM_HEAD_BLOCK_SIZE", "PER_CHANNEL", "QuantizeConfig"]
+__all__ = ["ALLOCATIONS", "CLIP_MODES", "ERROR_WEIGHTS", "FORMATS", "LM_HEAD_BLOCK_SIZE", "PER_CHANNEL", "QuantizeConfig"]
 
 CLIP_MODES = ("none", "zscore", "mse")
+ERROR_WEIGHTS = ("w2", "x2", "w2x2", "x2rms")
+ALLOCATIONS = ("damage", "kquant")
 FORMATS = ("qdq", "nbits")
 LM_HEAD_BLOCK_SIZE = 32
 """Block of ``lm_head_bits``: 8-bit b32 cost nothing measurable on SmolLM2 (b128: +0.15 perplexity)."""
@@ -64,8 +66,34 @@ class QuantizeConfig:
             come back exactly, with their weight rows in float, on a side path (SmolLM2-135M int4 b32:
             35.52 vs 37.49 without; docs/activation_quant.md). W8A8: replaced by the median before
             quantization and restored exactly after (paper Eq. 1); off is the naive W8A8.
+        error_weight: what ``clip="mse"`` weights each weight's squared rounding error by: ``"w2"`` (its
+            own square: protects the large weights), ``"x2"`` (its input channel's importance E[x_k^2],
+            as llama.cpp's imatrix), ``"w2x2"`` (their product) or ``"x2rms"`` (the importance times
+            ``sqrt(2 mean(w^2) + w^2)`` over the block, as llama.cpp's k-quants weight an imatrix). The
+            importance is measured by detection's
+            first pass on the prompt (data-free), or on ``calib_text`` when given.
+        bits_per_weight: a budget (e.g. 4.5): layers go from int4 at ``block_size`` to int4 at a smaller block
+            or to int8 where that buys the most, until the bits per weight (`sw_onnx.plan.layer_bits`: codes,
+            scales, zero points, side paths, over every quantized weight) reach it (None: every layer at
+            ``bits``). The lm_head takes part (from int4) unless ``lm_head_bits`` is 0.
+        allocation: with a budget: ``"damage"`` (estimated damage per extra bit: each option's int4/int8
+            rounding error weighted by the input importance) or ``"kquant"`` (llama.cpp's use_more_bits rule,
+            as onnxruntime-genai's k_quant_mixed: qkv and down_proj of layers i < n/8, i >= 7n/8,
+            (i - n/8) % 3 == 2 and the lm_head at 8 bits, in that order while the budget lasts; without
+            a budget, the whole rule).
+        embedding_bits: 0 (float), 4 or 8: weight-only: embedding tables (a Gather's float initializer) become
+            ``com.microsoft::GatherBlockQuantized``, blockwise along the hidden axis in blocks of
+            ``lm_head_block_size``. A table tied to a quantized lm_head at the same bits is shared with it (one
+            set of codes and scales for both; with a bit budget the embedding always follows the lm_head).
+            Counted in the bits per weight and the budget.
+        gptq: GPTQ error compensation (`sw_onnx.kernels.quantize_gptq`): each layer's rows are quantized in
+            order and each row's rounding error pushed onto the rows not yet quantized through the Hessian
+            ``X^T X`` of its inputs, from ``calib_text`` (its first 2,048 tokens) or else the detection prompt
+            (a few tokens: far fewer than the layers' K, see docs/quantize_quality.md). One K x K matrix per
+            layer input is held while quantizing (SmolLM2: about 400 MB).
+        lm_head_block_size: the block of ``lm_head_bits`` and of embedding tables (a power of two >= 16).
         lm_head_bits: weight-only, without ``include_lm_head``: the lm_head's own bits, in blocks of
-            `LM_HEAD_BLOCK_SIZE` (8: onnxruntime fuses it into MatMulNBits ``bits=8``; 0 keeps it float),
+            ``lm_head_block_size`` (8: onnxruntime fuses it into MatMulNBits ``bits=8``; 0 keeps it float),
             as llama.cpp keeps its output tensor at higher precision (docs/quantize_defaults.md).
     """
 
@@ -87,6 +115,24 @@ class QuantizeConfig:
     calib_text: str | None = None
     sa_keep_out: bool = True
     lm_head_bits: int = 8
+    error_weight: str = "w2"
+    bits_per_weight: float | None = None
+    allocation: str = "damage"
+    embedding_bits: int = 0
+    lm_head_block_size: int = LM_HEAD_BLOCK_SIZE
+    gptq: bool = False
+
+    @property
+    def allocates(self) -> bool:
+        """Whether the plan chooses per-layer bits (a budget, or the k_quant rule)."""
+        return self.bits_per_weight is not None or self.allocation == "kquant"
+
+    @property
+    def uses_importance(self) -> bool:
+        """Whether the plan needs the layers' input importance (E[x^2] per input channel)."""
+        if self.activations != "none":
+            return False
+        return (self.clip == "mse" and "x2" in self.error_weight) or (self.allocates and self.allocation == "damage")
 
     def validate(self) -> None:
         """Raise `UsageError` on a bad value or combination (nothing is silently overridden)."""
@@ -113,8 +159,29 @@ class QuantizeConfig:
                              hint="sw-onnx quantize MODEL --bits 8 --activations int8")
         if self.lm_head_bits not in (0, 4, 8):
             raise UsageError(f"--lm-head-bits {self.lm_head_bits}: use 8, 4, or 0 to keep the lm_head float")
-        if self.calib_text is not None and self.activations == "none" and not self.sa_keep_out:
-            raise UsageError("--calib-text is only used by --activations int8 or --sa-keep-out")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation {self.allocation}: use one of {', '.join(ALLOCATIONS)}")
+        bpw = self.bits_per_weight
+        if bpw is not None and (isinstance(bpw, bool) or not isinstance(bpw, (int, float)) or not 1 <= bpw <= 32):
+            raise UsageError(f"--bits-per-weight {bpw}: a number of bits, e.g. 4.5")
+        if self.allocates and (self.bits != 4 or self.activations != "none"):
+            raise UsageError("--bits-per-weight and --allocation kquant raise int4 layers to int8: they need --bits 4 "
+                             "and weight-only quantization")
+        hb = self.lm_head_block_size
+        if isinstance(hb, bool) or not isinstance(hb, int) or hb < 16 or hb & (hb - 1):
+            raise UsageError(f"--lm-head-block-size {hb}: use a power of two >= 16")
+        if self.embedding_bits not in (0, 4, 8):
+            raise UsageError(f"--embedding-bits {self.embedding_bits}: use 4, 8, or 0 to keep embeddings float")
+        if self.embedding_bits and self.activations != "none":
+            raise UsageError("--embedding-bits is for weight-only quantization")
+        if self.gptq and (self.activations != "none" or self.clip == "zscore"):
+            raise UsageError("--gptq is for weight-only quantization with --clip none or mse")
+        if self.error_weight not in ERROR_WEIGHTS:
+            raise UsageError(f"--error-weight {self.error_weight}: use one of {', '.join(ERROR_WEIGHTS)}")
+        if self.calib_text is not None and self.activations == "none" and not self.sa_keep_out and not self.uses_importance \
+                and not self.gptq:
+            raise UsageError("--calib-text is only used by --activations int8, --sa-keep-out or an input-importance "
+                             "error weight (--error-weight x2|w2x2)")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -81,10 +81,12 @@ class DetectReport:
     Attributes:
         super_weights: ``{"node", "initializer", "index", "row", "col", "value"}`` per super weight.
         input_ranges: the ``input_ranges`` entries (dicts), or None for reports written before they existed.
+        input_importance: the ``input_importance`` entries, or None likewise.
     """
 
     super_weights: list[dict] = field(default_factory=list)
     input_ranges: list[dict] | None = None
+    input_importance: list[dict] | None = None
 
     @property
     def coordinates(self) -> list[Coordinate]:
@@ -118,5 +120,6 @@ def read_detect_report(path: str | os.PathLike, option: str = "--keep") -> Detec
         records.append({"node": sw.get("node"), "initializer": sw["initializer"],
                         "index": [int(i) for i in sw["index"]], "row": sw.get("row"), "col": sw.get("col"),
                         "value": sw.get("value")})
-    ranges = data.get("input_ranges")
-    return DetectReport(records, ranges if isinstance(ranges, list) else None)
+    ranges, importance = data.get("input_ranges"), data.get("input_importance")
+    return DetectReport(records, ranges if isinstance(ranges, list) else None,
+                        importance if isinstance(importance, list) else None)

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sw_onnx.analyze.flatten import inline_input_branches
-from sw_onnx.analyze.input_stats import InputRange, InputStatsProbe, plan_input_ranges
+from sw_onnx.analyze.input_stats import InputImportance, InputRange, InputStatsProbe, importance_from_stats, plan_input_ranges
 from sw_onnx.analyze.instrument import InstrumentLinearStatsPass, stat_output_name
 from sw_onnx.discover import LinearLayer, find_linear_layers, find_residual_chain, require_float_model
 from sw_onnx.errors import UnsupportedGraphError
@@ -120,6 +120,9 @@ class DetectResult:
     # Linear-layer inputs on the prompt (first pass), with their super-activation entries: what quantize's
     # activation keep-out and W8A8 ranges use (`sw_onnx.analyze.input_stats.plan_input_ranges`).
     input_ranges: dict[str, InputRange] = field(default_factory=dict)
+    # Per linear-layer input, sum of x^2 per channel on the prompt (first pass): the input importance of
+    # quantize's activation-aware rounding and bit allocation.
+    input_importance: dict[str, InputImportance] = field(default_factory=dict)
     # (output name, the model's own logits on the prompt, first pass): quantize's verification reference.
     reference_logits: tuple[str, np.ndarray] | None = None
     # The first pass's statistics and the layers they are keyed by (position): nbits accuracy levels.
@@ -366,6 +369,7 @@ def detect(
         seconds=time.perf_counter() - started,
         history=search.history,
         input_ranges=plan_input_ranges(detector.input_probe.stats),
+        input_importance=importance_from_stats(detector.input_probe.stats),
         reference_logits=detector.reference_logits,
         first_pass=first,
         layers=detector.layers,

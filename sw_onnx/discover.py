@@ -80,6 +80,18 @@ class WeightChain:
         w = np.asarray(w, dtype=np.float32)
         return w.T if self.transposed else w
 
+    def to_initializer_layout(self, w: np.ndarray) -> np.ndarray:
+        """An effective ``[K, N]`` weight laid out as the initializer (the inverse of `effective_weight`), in
+        the initializer's dtype: what to feed in its place."""
+        x = w.T if self.transposed else w
+        shapes = [tuple(self.initializer.shape.numpy())] + [s for _, s, _ in self.steps]
+        for (op, _, perm), before in zip(reversed(self.steps), reversed(shapes[:-1])):
+            if op == "Transpose":
+                x = np.transpose(x, np.argsort(perm))
+            elif op == "Reshape":
+                x = x.reshape(before)
+        return np.ascontiguousarray(x.astype(self.initializer.const_value.numpy().dtype, copy=False))
+
     @property
     def layout(self) -> str:
         """`KN` when the initializer is stored `[in, out]` (ONNX MatMul), `NK` when `[out, in]` (torch)."""
@@ -386,3 +398,48 @@ def find_lm_head(model: ir.Model, layers: list[LinearLayer]) -> LinearLayer | No
                 break
             value = node.outputs[0]
     return None
+
+
+@dataclass
+class EmbeddingTable:
+    """A float table read by ``Gather(table, indices, axis=0)`` nodes: an embedding.
+
+    Attributes:
+        initializer: the table's initializer value (2-D float [vocab, hidden]).
+        gathers: the Gather nodes reading it.
+        other_uses: the other nodes reading it (a tied lm_head's Transpose, ...).
+    """
+
+    initializer: ir.Value
+    gathers: list[ir.Node]
+    other_uses: list[ir.Node]
+
+    @property
+    def vocab(self) -> int:
+        return int(self.initializer.shape[0])
+
+    @property
+    def hidden(self) -> int:
+        return int(self.initializer.shape[1])
+
+
+def find_embeddings(model: ir.Model) -> list[EmbeddingTable]:
+    """The model's embedding tables, by structure: 2-D float initializers that a Gather on axis 0 reads with
+    non-constant indices."""
+    tables = []
+    for value in model.graph.initializers.values():
+        if value.const_value is None or value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16) or \
+                value.shape is None or len(value.shape) != 2 or not all(isinstance(d, int) for d in value.shape):
+            continue
+        gathers, others = [], []
+        for use in value.uses():
+            node = use.node
+            axis = node.attributes.get("axis")
+            if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and use.idx == 0 and \
+                    (axis is None or axis.as_int() == 0) and node.inputs[1].const_value is None:
+                gathers.append(node)
+            else:
+                others.append(node)
+        if gathers:
+            tables.append(EmbeddingTable(value, gathers, others))
+    return tables

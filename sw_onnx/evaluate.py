@@ -217,6 +217,7 @@ def perplexity(
     max_windows: int | None = None,
     providers: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    bos: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``token_ids`` by the module's protocol (non-overlapping windows).
 
@@ -228,6 +229,8 @@ def perplexity(
         max_windows: evaluate only the first windows; None: every complete window.
         providers: onnxruntime providers when a session is created here (default CPU).
         progress: called as ``progress(done, total)`` after each window.
+        bos: a BOS id to start every window with (then ``context - 1`` text tokens per window, the first
+            predicted from BOS alone): models such as Gemma that need their BOS. None: the protocol as is.
 
     Raises:
         UsageError: bad arguments, or fewer than ``context`` tokens, or token ids outside the vocabulary.
@@ -245,7 +248,8 @@ def perplexity(
         raise UsageError(f"context must be at least 2, got {context}")
     if max_windows is not None and max_windows < 1:
         raise UsageError(f"max_windows must be at least 1, got {max_windows}")
-    available = len(ids) // context
+    step = context - (1 if bos is not None else 0)
+    available = len(ids) // step
     if available == 0:
         raise UsageError(f"{len(ids)} tokens: not one complete window of {context}")
     n_windows = available if max_windows is None else min(available, max_windows)
@@ -255,14 +259,16 @@ def perplexity(
     session = open_session(model, providers)
     out_name = logits_output_name(session)
     declared_vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == out_name), None)
-    used = ids[: n_windows * context]
+    used = ids[: n_windows * step]
     if int(used.min()) < 0 or (isinstance(declared_vocab, int) and int(used.max()) >= declared_vocab):
         raise UsageError(f"token ids span {int(used.min())}..{int(used.max())}, outside the model's "
                          f"vocabulary of {declared_vocab}", hint="use the model's own tokenizer")
     t0 = time.perf_counter()
     nll_sum = 0.0
     for w in range(n_windows):
-        window = ids[w * context : (w + 1) * context]
+        window = ids[w * step : (w + 1) * step]
+        if bos is not None:
+            window = np.concatenate([np.array([bos], np.int64), window])
         (logits,) = session.run([out_name], build_feeds(session, window[None, :]))
         if logits.ndim == 3:
             logits = logits[0]

@@ -37,6 +37,7 @@ __all__ = [
     "dequantize_blockwise",
     "pack_int4_low_first",
     "quantize_blockwise",
+    "quantize_gptq",
     "to_matmulnbits",
     "unpack_int4_low_first",
     "usable_cpus",
@@ -67,6 +68,11 @@ _SEARCH_CHUNK = 1 << 18
 """Elements per chunk of the ``clip="mse"`` search (1 MiB per float32 work array): numpy's per-call
 overhead stays small and the work arrays stay in the last-level cache (measured fastest of 64 Ki-512 Ki)."""
 
+MSE_REFIT_ITERATIONS = 0
+"""After the ``clip="mse"`` search, this many rounds of least-squares refitting of each block's scale to its
+codes (``s = sum(c w q) / sum(c q^2)`` with the search's error weights c, codes re-rounded), each kept only
+where it lowers the block's weighted error (as llama.cpp's make_qkx quantizers do)."""
+
 _PRUNE = True
 """Skip the blocks a candidate cannot improve (off only to test that skipping changes nothing)."""
 
@@ -82,10 +88,10 @@ except ImportError:  # pragma: no cover - numpy < 2
         _clip = np.clip
 
 ClipMode = Literal["none", "zscore", "mse"]
-Weighting = Literal["w2", "none"]
+Weighting = Literal["w2", "rms", "none"]
 
 _CLIP_MODES = ("none", "zscore", "mse")
-_WEIGHTINGS = ("w2", "none")
+_WEIGHTINGS = ("w2", "rms", "none")
 
 
 @dataclass
@@ -135,6 +141,7 @@ def quantize_blockwise(
     weighting: Weighting | None = None,
     mse_grid: int | None = None,
     keep_out: np.ndarray | list[tuple[int, int]] | None = None,
+    importance: np.ndarray | None = None,
 ) -> QuantizedWeight:
     """Quantize a float32 weight ``w[K, N]`` in blocks of ``block_size`` rows along K.
 
@@ -163,10 +170,15 @@ def quantize_blockwise(
             plain round-to-nearest is chosen unless another is strictly better. Exact search over these
             candidates, in float32 (near-ties within ~1e-5 of the error may go either way).
         zscore: z for ``clip="zscore"`` (default ``DEFAULT_ZSCORE``); only allowed with that mode.
-        weighting: error weight for ``clip="mse"``: ``"w2"`` (``w**2``, protects large weights;
+        weighting: error weight for ``clip="mse"``: ``"rms"`` (``sqrt(2 mean(w**2) + w**2)`` over the block,
+            as llama.cpp's k-quants weight an imatrix), ``"w2"`` (``w**2``, protects large weights;
             default) or ``"none"`` (plain squared error); only allowed with that mode.
         mse_grid: number of shrink factors for ``clip="mse"`` (>= 1, default ``DEFAULT_MSE_GRID``);
             only allowed with that mode.
+        importance: float [K] >= 0, for ``clip="mse"`` only: each row's error is further weighted by the
+            importance of its input channel (E[x_k^2], as llama.cpp's imatrix), so the search minimises
+            ``sum(importance_k * weight * (w - deq)**2)``, the expected squared output error when the inputs
+            are uncorrelated. None: all 1.
         keep_out: weights kept out of the quantizer: a bool mask [K, N] or (k, n) coordinates
             (sequence of pairs or int array [M, 2]). They are left out of their block's range,
             statistics and error, and get the code that dequantizes to exactly 0 (the zero point, or 0
@@ -193,6 +205,7 @@ def quantize_blockwise(
     qmin, qmax = _code_range(bits, symmetric)
     z, weight_mode, grid = _check_clip_options(clip, zscore, weighting, mse_grid)
     excluded = _keep_out_mask(keep_out, w.shape)
+    imp_blocks = _importance_blocks(importance, k, bs, clip)
 
     nblocks = -(-k // bs)
     q = np.empty((k, n), np.int8 if symmetric else np.uint8)
@@ -210,13 +223,77 @@ def quantize_blockwise(
         hi = range_blocks.max(axis=1, keepdims=True)
         del range_blocks, valid
         if clip == "mse":
-            s, zp = _search_mse(blocks, lo, hi, bits, symmetric, weight_mode, grid)
+            s, zp = _search_mse(blocks, lo, hi, bits, symmetric, weight_mode, grid, imp_blocks)
+            if MSE_REFIT_ITERATIONS:
+                s = _refit_scales(blocks, s, zp, qmin, qmax, weight_mode, imp_blocks, MSE_REFIT_ITERATIONS)
         else:
             s, zp = _scale_zero_point(lo, hi, bits, symmetric)
         q[:, sl] = _round_codes(blocks, s, zp, qmin, qmax).reshape(nblocks * bs, -1)[:k]
         scale[:, sl] = s[:, 0, :]
         if zero_point is not None:
             zero_point[:, sl] = zp[:, 0, :]
+    return QuantizedWeight(q=q, scale=scale, zero_point=zero_point, bits=bits, block_size=bs, symmetric=symmetric)
+
+
+GPTQ_DAMPING = 0.01
+"""GPTQ's damping: ``damping * mean(diag(H))`` is added to the Hessian's diagonal before inverting it."""
+
+
+def quantize_gptq(w: np.ndarray, hessian: np.ndarray, *, bits: int = 4, block_size: int = 128,
+                  symmetric: bool = False, damping: float | None = None, keep_out=None, **search) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022): quantize the rows of ``w[K, N]`` (input channels) in order, each block's
+    scale and zero point chosen on the weights as updated so far (`quantize_blockwise` with `search`'s
+    options on that block), and push each row's rounding error onto the rows not yet quantized through the
+    inverse Hessian ``H = X^T X`` (float [K, K]), minimising ``||X (W - Q)||^2`` instead of ``||W - Q||^2``.
+
+    A channel with ``H[k, k] == 0`` never carries input: its row is quantized as is and receives nothing.
+    `keep_out` weights are exact (their value returns on a side path): they add no error.
+    """
+    w = _check_weight(w)
+    k, n = w.shape
+    h = np.array(hessian, dtype=np.float64)
+    if h.shape != (k, k) or not np.isfinite(h).all():
+        raise ValueError(f"hessian must be a finite [{k}, {k}] matrix, got shape {h.shape}")
+    dead = np.diag(h) <= 0
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    mean_diag = float(np.mean(np.diag(h)[~dead])) if (~dead).any() else 1.0
+    h[np.diag_indices(k)] += (GPTQ_DAMPING if damping is None else damping) * mean_diag
+    u = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper factor of H^-1
+    excluded = _keep_out_mask(keep_out, w.shape)
+    work = np.array(w, dtype=np.float32)
+    qmin, qmax = _code_range(bits, symmetric)
+    bs = _effective_block_size(block_size, k)
+    nblocks = -(-k // bs)
+    q = np.empty((k, n), np.int8 if symmetric else np.uint8)
+    scale = np.empty((nblocks, n), np.float32)
+    zero_point = None if symmetric else np.empty((nblocks, n), np.uint8)
+    importance = search.pop("importance", None)
+    for b in range(nblocks):
+        r0, r1 = b * bs, min((b + 1) * bs, k)
+        rows = slice(r0, r1)
+        imp = None if importance is None else np.asarray(importance)[rows]
+        block = quantize_blockwise(work[rows], bits=bits, block_size=r1 - r0, symmetric=symmetric, importance=imp,
+                                   keep_out=None if excluded is None else excluded[rows], **search)
+        scale[b], s = block.scale[0], block.scale[0]
+        z = np.float32(0) if zero_point is None else block.zero_point[0].astype(np.float32)
+        if zero_point is not None:
+            zero_point[b] = block.zero_point[0]
+        errors = np.empty((r1 - r0, n), np.float32)
+        safe = np.where(s != 0, s, np.float32(1))
+        for i in range(r0, r1):
+            codes = np.clip(np.rint(work[i] / safe) + z, qmin, qmax)
+            codes[s == 0] = z if np.ndim(z) == 0 else z[s == 0]
+            deq = (codes - z) * s
+            if excluded is not None:
+                codes[excluded[i]] = z if np.ndim(z) == 0 else z[excluded[i]]
+                deq[excluded[i]] = work[i][excluded[i]]
+            q[i] = codes
+            e = (work[i] - deq) / u[i, i]
+            work[i + 1:r1] -= np.outer(u[i, i + 1:r1], e)
+            errors[i - r0] = e
+        work[r1:] -= u[r0:r1, r1:].T @ errors
     return QuantizedWeight(q=q, scale=scale, zero_point=zero_point, bits=bits, block_size=bs, symmetric=symmetric)
 
 
@@ -416,6 +493,22 @@ def _check_clip_options(
     return z, weight_mode, int(grid)
 
 
+def _importance_blocks(importance: np.ndarray | None, k: int, bs: int, clip: str) -> np.ndarray | None:
+    """The importance as float32 [nblocks, B, 1] (ragged tail 0), or None."""
+    if importance is None:
+        return None
+    if clip != "mse":
+        raise ValueError("importance is only used with clip='mse'")
+    imp = np.asarray(importance, dtype=np.float64).reshape(-1)
+    if imp.shape != (k,) or not np.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError(f"importance must be {k} finite values >= 0, got shape {imp.shape}")
+    nblocks = -(-k // bs)
+    out = np.zeros(nblocks * bs, np.float32)
+    top = float(imp.max())
+    out[:k] = imp / top if top > 0 else 1.0  # scale-free: only the ratios matter
+    return out.reshape(nblocks, bs, 1)
+
+
 def _keep_out_mask(
     keep_out: np.ndarray | list[tuple[int, int]] | None, shape: tuple[int, int]
 ) -> np.ndarray | None:
@@ -505,6 +598,45 @@ def _round_codes(
     return _clip(codes, np.float32(qmin), np.float32(qmax), out=codes)
 
 
+def _error_weight(x: np.ndarray, mode: str, axis: int) -> np.ndarray | None:
+    """The per-element error weight of `mode` for blocks laid along `axis` (None: uniform)."""
+    if mode == "w2":
+        return np.square(x)
+    if mode == "rms":
+        sigma2 = np.float32(2) * np.mean(np.square(x), axis=axis, keepdims=True)
+        return np.sqrt(sigma2 + np.square(x))
+    return None
+
+
+def _refit_scales(blocks: np.ndarray, s: np.ndarray, zp: np.ndarray | None, qmin: int, qmax: int, weighted: str,
+                  importance: np.ndarray | None, iterations: int) -> np.ndarray:
+    """`MSE_REFIT_ITERATIONS`: per block, the least-squares scale for its codes, kept where the weighted error
+    (codes re-rounded with it) falls. Zero-filled elements (tail, kept-out) map to the zero point and add
+    nothing. Returns the new scales [nblocks, 1, N]."""
+    c = _error_weight(blocks, weighted, 1)
+    c = np.ones_like(blocks) if c is None else c
+    if importance is not None:
+        c = c * importance
+    z = np.float32(0) if zp is None else zp
+
+    def error(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = _round_codes(blocks, scale, zp, qmin, qmax) - z
+        r = blocks - q * scale
+        return (c * r * r).sum(axis=1, keepdims=True), q
+
+    best, q = error(s)
+    for _ in range(iterations):
+        den = (c * q * q).sum(axis=1, keepdims=True)
+        num = (c * blocks * q).sum(axis=1, keepdims=True)
+        fit = np.where(den > 0, num / np.where(den > 0, den, 1), s).astype(np.float32)
+        err, q_fit = error(fit)
+        better = err < best
+        s = np.where(better, fit, s)
+        best = np.where(better, err, best)
+        q = np.where(better, q_fit, q)
+    return s
+
+
 def mse_factors(grid: int = DEFAULT_MSE_GRID) -> np.ndarray:
     """The shrink factors ``clip="mse"`` tries: ``linspace(1, MSE_MIN_FACTOR, grid)`` as float32."""
     return np.linspace(1.0, MSE_MIN_FACTOR, grid, dtype=np.float32)
@@ -541,6 +673,7 @@ def _search_mse(
     symmetric: bool,
     weighting: str,
     grid: int,
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-block scale and zero point of ``clip="mse"`` (see `quantize_blockwise`).
 
@@ -567,8 +700,9 @@ def _search_mse(
     def run(chunk: tuple[int, int]) -> None:
         r, c = chunk
         sl = (slice(r, r + rows), slice(None), slice(c, c + cols))
+        imp = None if importance is None else np.broadcast_to(importance[sl[0]], blocks[sl].shape)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # per thread
-            fam, idx = _search_chunk(blocks[sl], lo[sl], hi[sl], bits, families, weighting == "w2", factors)
+            fam, idx = _search_chunk(blocks[sl], lo[sl], hi[sl], bits, families, weighting, factors, imp)
         best_family[sl] = fam
         best_factor[sl] = idx
 
@@ -601,8 +735,9 @@ def _search_chunk(
     hi: np.ndarray,
     bits: int,
     families: tuple[str, ...],
-    weighted: bool,
+    weighted: str,
     factors: np.ndarray,
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best (family index, factor index) per block of one chunk [rows, B, cols]: int8, int16 [rows, 1, cols].
 
@@ -618,7 +753,15 @@ def _search_chunk(
     lo = lo.reshape(-1)
     hi = hi.reshape(-1)
     nblk = lo.size
-    weight = np.square(x) if weighted else None
+    weight = _error_weight(x, weighted, 0)
+    ends = np.stack([lo, hi])  # [2, nblk]: the elements a shrink clips first
+    cols_idx = np.arange(rows * cols)
+    end_at = np.stack([x.argmin(axis=0), x.argmax(axis=0)])  # their rows: the bound uses their own weights
+    end_weight = np.ones_like(ends) if weight is None else np.stack([weight[end_at[0], cols_idx], weight[end_at[1], cols_idx]])
+    if importance is not None:
+        imp = np.ascontiguousarray(importance.transpose(1, 0, 2), dtype=np.float32).reshape(bs, rows * cols)
+        weight = imp if weight is None else weight * imp
+        end_weight = end_weight * np.stack([imp[end_at[0], cols_idx], imp[end_at[1], cols_idx]])
     t = np.empty_like(x)
     c = np.empty_like(x)
     best_err = np.full(nblk, np.inf, dtype=np.float32)
@@ -626,8 +769,6 @@ def _search_chunk(
     best_factor = np.zeros(nblk, dtype=np.int16)
     half = 1 << (bits - 1)
     inv_factors = np.float32(1) / factors
-    ends = np.stack([lo, hi])  # [2, nblk]: the elements a shrink clips first
-    end_weight = np.square(ends) if weighted else np.ones_like(ends)
     distinct = (lo != hi).astype(np.float32)
     for fi, family in enumerate(families):
         if family == "sym":

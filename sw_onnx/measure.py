@@ -154,9 +154,11 @@ def evaluate_model(
     providers: Sequence[str] | None = None,
     progress: Progress | None = None,
     source: str = "",
+    bos: int | None = None,
 ) -> EvalResult:
     """Perplexity of ``model`` on ``token_ids`` (:func:`sw_onnx.evaluate.perplexity`), at most ``max_tokens``
     tokens (whole windows of ``context``; one shorter window when the text is shorter than ``context``).
+    With ``bos``, every window is BOS then ``context - 1`` text tokens (models that need their BOS, Gemma).
 
     Args:
         model: an .onnx path, an export folder, an ``onnx_ir.Model`` or an onnxruntime session.
@@ -166,9 +168,12 @@ def evaluate_model(
     from sw_onnx.evaluate import perplexity
 
     ids = np.asarray(token_ids, dtype=np.int64).ravel()
-    ctx, n_windows = windows_for(len(ids), context, max_tokens)
+    n_tokens = len(ids)
+    if bos is not None:  # each window holds BOS and context - 1 text tokens
+        n_tokens = (len(ids) // (context - 1)) * context if len(ids) >= context - 1 else len(ids) + 1
+    ctx, n_windows = windows_for(n_tokens, context, max_tokens)
     session = open_session(model, providers)
-    result = perplexity(session, ids, context=ctx, max_windows=n_windows, progress=progress)
+    result = perplexity(session, ids, context=ctx, max_windows=n_windows, progress=progress, bos=bos)
     return EvalResult(
         model=_describe(model), perplexity=result.perplexity, nll_mean=result.nll_mean, tokens=result.tokens,
         windows=result.windows, context=ctx, seconds=result.seconds, source=source, tokens_available=len(ids),

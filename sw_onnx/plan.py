@@ -9,6 +9,7 @@ The rewrite passes take the plan as their only instruction; the summary prints i
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -16,17 +17,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from sw_onnx.config import LM_HEAD_BLOCK_SIZE, PER_CHANNEL, QuantizeConfig
+from sw_onnx.config import PER_CHANNEL, QuantizeConfig
 from sw_onnx.coordinates import Coordinate
-from sw_onnx.discover import LinearLayer, find_linear_layers, find_lm_head
+from sw_onnx.discover import EmbeddingTable, LinearLayer, find_embeddings, find_linear_layers, find_lm_head
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sw_onnx.analyze.input_stats import InputRange
+    from sw_onnx.analyze.input_stats import InputImportance, InputRange
 
-__all__ = ["ActivationPlan", "LayerPlan", "QuantPlan", "block_label", "build_quant_plan", "kernel_block_size"]
+__all__ = ["ActivationPlan", "EmbeddingPlan", "LayerPlan", "QuantPlan", "allocate_bits", "block_label", "build_quant_plan", "kernel_block_size",
+           "kquant_layers", "layer_bits"]
 
 _FLOAT_WEIGHTS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 # The JSON "layers" entries of schema sw-onnx/quantize v1, in this order; the plan's other fields follow.
+IMPORTANCE_SKIP_FIRST = False
+"""Measure input importance without each window's first token (the super-activation / attention-sink token)."""
 _V1_FIELDS = ("node", "op_type", "initializer", "position", "layer", "k", "n", "action", "reason", "form",
               "is_lm_head", "kept", "accuracy_level", "float_bytes", "quantized_bytes", "quantized_node")
 
@@ -66,8 +70,15 @@ class LayerPlan:
             row on the super-activation channel side path).
         sa_channels: input channels taken out of the MatMul and applied in float (int4/int8 weight-only).
         activation: W8A8 input quantization, else None.
+        error_weight: the ``clip="mse"`` error weight (`QuantizeConfig.error_weight`).
+        importance: float64 [K], E[x_k^2] of the layer's input channels when the error weight uses it
+            (else None; not in the JSON).
+        hessian: ``X^T X`` [K, K] of its input for GPTQ (super-activation channels zeroed: they leave the
+            MatMul), else None (not in the JSON).
         compute_dtype: the float type the layer multiplies in (ONNX element type).
         float_bytes: bytes of the float weight; quantized_bytes, quantized_node: written by the passes.
+        bits_per_weight: `layer_bits` over ``k * n``: codes, scales, zero points and the float side paths
+            (kept-out weights, super-activation rows), as the passes write them (0 when skipped).
     """
 
     node: str
@@ -92,20 +103,73 @@ class LayerPlan:
     side_keep: list[tuple[int, int, float]] = field(default_factory=list)
     sa_channels: list[int] = field(default_factory=list)
     activation: ActivationPlan | None = None
+    error_weight: str = "w2"
+    importance: np.ndarray | None = None
+    hessian: np.ndarray | None = None
     compute_dtype: int | None = None
     float_bytes: int = 0
     quantized_bytes: int = 0
     quantized_node: str | None = None
+    written: dict[str, str] = field(default_factory=dict)  # part -> initializer name, by the weight pass
 
     @property
     def quantized(self) -> bool:
         return self.action == "quantized"
 
+    @property
+    def bits_per_weight(self) -> float:
+        return sum(layer_bits(self).values()) / (self.k * self.n) if self.quantized else 0.0
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        for internal in ("side_keep", "compute_dtype", "lift_3d"):
+        for internal in ("side_keep", "compute_dtype", "lift_3d", "importance", "written", "hessian"):
             d.pop(internal)
+        d["bits_per_weight"] = round(self.bits_per_weight, 4)
+        d["bit_count"] = layer_bits(self) if self.quantized else None
         return {**{k: d.pop(k) for k in _V1_FIELDS}, **d}
+
+
+@dataclass
+class EmbeddingPlan:
+    """An embedding table's plan: ``Gather(table, ids)`` -> ``com.microsoft::GatherBlockQuantized``.
+
+    Attributes:
+        initializer: the table; nodes: the Gathers reading it; vocab, hidden: its shape.
+        bits, block_size, symmetric: its quantizer (blocks along hidden).
+        shared_with: the lm_head node whose MatMulNBits codes, scales and zero points it reads (a tied
+            table), else None (its own tensors).
+        compute_dtype: the table's float type (ONNX element type): the scales' and the output's.
+        reason: how it is quantized.
+    """
+
+    initializer: str
+    nodes: list[str]
+    vocab: int
+    hidden: int
+    bits: int
+    block_size: int
+    symmetric: bool
+    shared_with: str | None = None
+    compute_dtype: int = int(ir.DataType.FLOAT)
+    reason: str = ""
+
+    @property
+    def weights(self) -> int:
+        """Parameters this plan adds to the count: 0 for a table shared with (counted as) the lm_head."""
+        return 0 if self.shared_with else self.vocab * self.hidden
+
+    def bit_count(self) -> dict[str, int]:
+        """Bits written for the table (none when shared: the lm_head's are counted there)."""
+        if self.shared_with:
+            return {"codes": 0, "scales": 0, "zero_points": 0, "side": 0}
+        nb = -(-self.hidden // self.block_size)
+        zp = 0 if self.symmetric else self.vocab * (-(-nb // 2) * 8 if self.bits == 4 else nb * 8)
+        return {"codes": self.vocab * nb * self.block_size * self.bits,
+                "scales": self.vocab * nb * _FLOAT_BITS.get(self.compute_dtype, 32), "zero_points": zp, "side": 0}
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bits_per_weight": round(sum(self.bit_count().values()) / self.weights, 4)
+                if self.weights else None, "bit_count": self.bit_count()}
 
 
 @dataclass
@@ -116,11 +180,13 @@ class QuantPlan:
         format: ``"qdq"`` or ``"nbits"`` (the W8A8 plan is ``"qdq"`` with form ``"w8a8"`` layers).
         layers: one plan per linear layer.
         unused_keep: keep coordinates that match no quantized layer.
+        embeddings: the embedding tables to quantize (``embedding_bits``).
     """
 
     format: str
     layers: list[LayerPlan]
     unused_keep: list[Coordinate] = field(default_factory=list)
+    embeddings: list[EmbeddingPlan] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[LayerPlan]:
@@ -150,6 +216,36 @@ def kernel_block_size(block_size: int, k: int, form: str) -> int:
     return max(16, 1 << (k - 1).bit_length())
 
 
+_FLOAT_BITS = {int(ir.DataType.FLOAT): 32, int(ir.DataType.FLOAT16): 16, int(ir.DataType.BFLOAT16): 16}
+
+
+def layer_bits(p: LayerPlan) -> dict[str, int]:
+    """The bits a quantized layer costs, as the passes write them: ``codes``, ``scales``, ``zero_points``
+    (padding of the nbits layout included) and ``side`` (float side paths: the kept-out weights' matrix and
+    column indices, and the super-activation rows ``[len(sa_channels), N]``).
+
+    Bits per weight = their sum over ``k * n``: what an equal-bits comparison counts.
+    """
+    k, n, bits = p.k, p.n, p.bits
+    float_bits = _FLOAT_BITS.get(p.compute_dtype or int(ir.DataType.FLOAT), 32)
+    if p.form == "w8a8":
+        scale_bits, nblocks, code_bits = 32, 1, 8 * k * n
+    else:
+        bs = kernel_block_size(p.block_size, k, p.form or "qdq")
+        nblocks, scale_bits = -(-k // bs), float_bits
+        code_bits = n * nblocks * bs * bits if p.form == "nbits" else k * n * bits
+    zp_bits = 0
+    if not p.symmetric:
+        zp_bits = n * -(-nblocks // 2) * 8 if p.form == "nbits" and bits == 4 else n * nblocks * (4 if bits == 4 else 8)
+        if p.form == "w8a8":
+            zp_bits = 8 * n
+    cols = len({c for c, _, _ in p.side_keep})
+    side = cols * (n * float_bits + 64) + len(p.sa_channels) * n * float_bits
+    if p.activation is not None and p.activation.channels:  # W8A8's float rows of the restored entries
+        side += len(p.activation.channels) * n * 32
+    return {"codes": code_bits, "scales": n * nblocks * scale_bits, "zero_points": zp_bits, "side": side}
+
+
 # ----------------------------------------------------------------------------------------------
 # Building the plan
 
@@ -163,6 +259,8 @@ class _Context:
     keep_by_initializer: dict[str, list[tuple[int, ...]]]
     channels: dict[str, list[int]]
     ranges: Mapping[str, InputRange]
+    importance: Mapping[str, InputImportance]
+    hessians: Mapping[str, np.ndarray]
     accuracy_levels: Mapping[str, int]
     types: Mapping[str, tuple[int, int | None]]
 
@@ -173,8 +271,11 @@ def build_quant_plan(
     *,
     keep: Sequence[Coordinate] = (),
     ranges: Mapping[str, InputRange] | None = None,
+    importance: Mapping[str, InputImportance] | None = None,
     accuracy_levels: Mapping[str, int] | None = None,
     types: Mapping[str, tuple[int, int | None]] | None = None,
+    sensitivity: Mapping[str, float] | None = None,
+    hessians: Mapping[str, np.ndarray] | None = None,
 ) -> QuantPlan:
     """Decide every linear layer's quantization.
 
@@ -186,9 +287,13 @@ def build_quant_plan(
         config: the settings.
         keep: super weights to keep exact.
         ranges: ``{input value name: InputRange}`` (super-activation channels; W8A8 ranges).
+        importance: ``{input value name: InputImportance}`` (error weights ``x2``/``w2x2``; a layer
+            without an entry gets uniform importance).
         accuracy_levels: nbits: ``accuracy_level`` per node name (default 4).
         types: ``{value name: (elem type, rank)}`` for activations the graph does not declare
             (`sw_onnx.shapes.value_types`); computed here when needed and not given.
+        sensitivity: ``{node: KL}`` of each layer's int4 rounding on the prompt (bit allocation).
+        hessians: ``{input value name: X^T X}`` (``gptq``).
     """
     config.validate()
     layers, _ = find_linear_layers(model)
@@ -203,11 +308,59 @@ def build_quant_plan(
         by_init.setdefault(name, []).append(tuple(index))
     w8a8 = config.activations == "int8"
     channels = {} if w8a8 or not config.sa_keep_out else _channels_by_node(ranges or {})
-    ctx = _Context(config, find_lm_head(model, layers), by_init, channels, ranges or {}, accuracy_levels or {}, types)
+    ctx = _Context(config, find_lm_head(model, layers), by_init, channels, ranges or {}, importance or {},
+                   hessians or {}, accuracy_levels or {}, types)
     plans = [(_plan_w8a8 if w8a8 else _plan_weight_only)(layer, ctx) for layer in layers]
+    embeddings = _plan_embeddings(model, plans, config) if config.embedding_bits and not w8a8 else []
+    if config.allocates:
+        allocate_bits(plans, {layer.name: layer for layer in layers}, ctx.importance, config, fixed=embeddings,
+                      sensitivity=sensitivity)
+    _share_tables(embeddings, {p.node: p for p in plans}, config)
     used = {(p.initializer, tuple(k["index"])) for p in plans if p.quantized for k in p.kept}
     unused = [(name, tuple(index)) for name, index in keep if (name, tuple(index)) not in used]
-    return QuantPlan(format=config.format, layers=plans, unused_keep=unused)
+    return QuantPlan(format=config.format, layers=plans, unused_keep=unused, embeddings=embeddings)
+
+
+def _plan_embeddings(model: ir.Model, plans: Sequence[LayerPlan], config: QuantizeConfig) -> list[EmbeddingPlan]:
+    """One plan per embedding table (`find_embeddings`). A table read by anything but Gathers and the
+    quantized lm_head's weight chain stays float (its other readers need the float values)."""
+    heads = {p.initializer: p for p in plans if p.is_lm_head and p.quantized and p.op_type == "MatMul" and not p.side_keep}
+    out = []
+    for table in find_embeddings(model):
+        name = table.initializer.name
+        head = heads.get(name)
+        if table.other_uses and (head is None or not _only_feeds(table, head.node)):
+            continue
+        out.append(EmbeddingPlan(
+            initializer=name, nodes=[g.name for g in table.gathers], vocab=table.vocab, hidden=table.hidden,
+            bits=config.embedding_bits, block_size=config.lm_head_block_size, symmetric=config.symmetric,
+            shared_with=head.node if head is not None else None, compute_dtype=int(table.initializer.dtype)))
+    return out
+
+
+def _only_feeds(table: EmbeddingTable, lm_head_node: str) -> bool:
+    """Whether the table's non-Gather readers are a Transpose/Cast/Identity chain ending in the lm_head."""
+    for node in table.other_uses:
+        while node.op_type in ("Transpose", "Cast", "Identity") and len(node.outputs[0].uses()) == 1:
+            node = next(iter(node.outputs[0].uses())).node
+        if node.name != lm_head_node:
+            return False
+    return True
+
+
+def _share_tables(embeddings: list[EmbeddingPlan], plans: Mapping[str, LayerPlan], config: QuantizeConfig) -> None:
+    """A tied table shares the lm_head's codes when they are at the same bits (with a budget: always), the
+    lm_head then written as MatMulNBits; otherwise it gets its own."""
+    for e in embeddings:
+        head = plans.get(e.shared_with) if e.shared_with else None
+        if head is None or not (config.allocates or head.bits == e.bits):
+            e.shared_with = None
+        else:
+            e.bits, e.block_size = head.bits, head.block_size
+            head.form, head.lift_3d, head.accuracy_level = "nbits", False, 4
+            head.reason += "; its table is shared with the embedding (GatherBlockQuantized), so MatMulNBits"
+        kind = f"{'int' if e.symmetric else 'uint'}{e.bits} {block_label(e.block_size)} along hidden"
+        e.reason = f"GatherBlockQuantized {kind}" + (f", codes shared with {e.shared_with}" if e.shared_with else "")
 
 
 def _channels_by_node(ranges: Mapping[str, InputRange]) -> dict[str, list[int]]:
@@ -250,10 +403,15 @@ def _plan_weight_only(layer: LinearLayer, ctx: _Context) -> LayerPlan:
     if reason is not None:
         plan.action, plan.reason = "skipped", reason
         return plan
-    own_bits = plan.is_lm_head and not config.include_lm_head  # reached only with lm_head_bits
-    plan.bits, plan.block_size = (config.lm_head_bits, LM_HEAD_BLOCK_SIZE) if own_bits else (config.bits, config.block_size)
+    own_bits = plan.is_lm_head and not config.include_lm_head and not config.allocates  # with lm_head_bits only
+    plan.bits, plan.block_size = (config.lm_head_bits, config.lm_head_block_size) if own_bits else (config.bits, config.block_size)
     plan.symmetric, plan.clip, plan.zscore = config.symmetric, config.clip, config.zscore
+    plan.error_weight = config.error_weight
+    if config.uses_importance:
+        plan.importance = _importance(layer, ctx)
     _plan_keep(plan, layer, ctx, alpha)
+    if config.gptq:
+        plan.hessian = _hessian(layer, plan.sa_channels, ctx)
     wrap = config.format == "qdq" and _rank(layer.input, ctx.types) != 3 and (
         bool(plan.side_keep) or (bias is not None and bias.const_value is None)
         or bool(plan.sa_channels) or _feeds_nonconstant_add(layer.output))  # the keep-out side path adds one
@@ -261,7 +419,7 @@ def _plan_weight_only(layer: LinearLayer, ctx: _Context) -> LayerPlan:
     in_branch = config.format == "qdq" and bool(layer.scope)
     if config.format == "nbits" or in_branch:
         plan.form, wrap = "nbits", False
-        plan.accuracy_level = 4 if own_bits else ctx.accuracy_levels.get(layer.node_name, 4)
+        plan.accuracy_level = 4 if own_bits or plan.is_lm_head else ctx.accuracy_levels.get(layer.node_name, 4)
     else:
         plan.form, plan.lift_3d = ("qdq-3d", True) if wrap else ("qdq", False)
     plan.reason = _describe(plan, wrap) + ("; the lm_head's own bits (lm_head_bits)" if own_bits else "")
@@ -281,6 +439,26 @@ def _sa_channels(layer: LinearLayer, ctx: _Context) -> list[int]:
     if any(not 0 <= c < layer.k for c in channels) or _activation_dtype(layer) not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
         return []
     return list(channels)
+
+
+def _importance(layer: LinearLayer, ctx: _Context) -> np.ndarray | None:
+    """E[x_k^2] of the layer's input, or None (uniform) when it was not measured for this input."""
+    entry = ctx.importance.get(layer.input.name)
+    if entry is None or entry.k != layer.k:
+        return None
+    return entry.mean_sq(skip_first=IMPORTANCE_SKIP_FIRST)
+
+
+def _hessian(layer: LinearLayer, sa_channels: Sequence[int], ctx: _Context) -> np.ndarray | None:
+    """The layer input's ``X^T X`` with its super-activation channels zeroed (they leave the MatMul)."""
+    h = ctx.hessians.get(layer.input.name)
+    if h is None or h.shape != (layer.k, layer.k):
+        return None
+    if sa_channels:
+        h = np.array(h)
+        h[sa_channels, :] = 0.0
+        h[:, sa_channels] = 0.0
+    return h
 
 
 def _plan_keep(plan: LayerPlan, layer: LinearLayer, ctx: _Context, alpha: float) -> None:
@@ -331,6 +509,10 @@ def _plan_w8a8(layer: LinearLayer, ctx: _Context) -> LayerPlan:
 
 def _describe(plan: LayerPlan, wrap: bool) -> str:
     parts = [f"{'int' if plan.symmetric else 'uint'}{plan.bits} {block_label(plan.block_size)}", f"clip {plan.clip}"]
+    if plan.hessian is not None:
+        parts.append("GPTQ")
+    if plan.clip == "mse" and plan.error_weight != "w2":
+        parts.append(f"error weight {plan.error_weight}" + ("" if plan.importance is not None else " (no importance: uniform)"))
     if plan.op_type == "Gemm":
         parts.append("Gemm rewritten as MatMul")
     if plan.side_keep:
@@ -340,6 +522,174 @@ def _describe(plan: LayerPlan, wrap: bool) -> str:
     if plan.accuracy_level is not None:
         parts.append(f"accuracy_level {plan.accuracy_level}")
     return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bit allocation: per-layer bits (and blocks) within a budget of bits per weight
+
+ALLOCATION_DAMAGE = "measured"
+"""How the ``damage`` allocation compares layers: ``"relative"`` (each option's importance-weighted squared
+rounding error over the layer's importance-weighted squared weights: the relative output error, as HIGGS'
+linearity uses), ``"absolute"`` (the error itself) or ``"measured"`` (the KL its int4 rounding causes on the
+prompt, `sw_onnx.analyze.sensitivity.layer_sensitivity`, scaled per option by the error relative to int4)."""
+_SMALLEST_BLOCK = 32
+
+
+@dataclass
+class _Option:
+    bits: int
+    block_size: int
+    cost: int  # bits, `layer_bits`
+    damage: float = 0.0
+    relative: float = 0.0
+
+
+def allocate_bits(plans: Sequence[LayerPlan], layers: Mapping[str, LinearLayer],
+                  importance: Mapping[str, InputImportance], config: QuantizeConfig,
+                  fixed: Sequence[EmbeddingPlan] = (), sensitivity: Mapping[str, float] | None = None) -> None:
+    """Set each quantized layer's ``bits``/``block_size`` within ``config.bits_per_weight`` (see
+    `QuantizeConfig.allocation`); every layer starts at ``config.bits``/``config.block_size``. `fixed`:
+    embedding tables counted in the budget at their own bits (a table tied to the lm_head counts as it).
+    `sensitivity`: measured KL per layer at int4 (`ALLOCATION_DAMAGE` ``"measured"``).
+
+    Raises:
+        UsageError: a budget below what every layer at its cheapest option costs.
+    """
+    from sw_onnx.errors import UsageError
+
+    cands = [p for p in plans if p.quantized and p.form in ("qdq", "qdq-3d", "nbits")]
+    untied = [e for e in fixed if not e.shared_with]
+    weights = sum(p.k * p.n for p in cands) + sum(e.weights for e in untied)
+    base = sum(_cost(p, p.bits, p.block_size) for p in cands) + sum(sum(e.bit_count().values()) for e in untied)
+    budget = float("inf") if config.bits_per_weight is None else config.bits_per_weight * weights
+    if config.bits_per_weight is not None and budget < base:
+        raise UsageError(f"--bits-per-weight {config.bits_per_weight}: int{config.bits} "
+                         f"{block_label(config.block_size)} alone costs {base / weights:.4g} bits per weight here",
+                         hint="raise the budget or the --block-size")
+    if config.allocation == "kquant":
+        choice = _kquant_choice(cands, budget - base)
+    else:
+        options = {p.node: _options(p, layers[p.node], importance) for p in cands}
+        _set_damage(options, sensitivity or {})
+        choice = _damage_choice(cands, options, budget - base)
+    for p in cands:
+        bits, block = choice.get(p.node, (p.bits, p.block_size))
+        if (bits, block) != (p.bits, p.block_size):
+            p.bits, p.block_size = bits, block
+            p.reason = f"{'int' if p.symmetric else 'uint'}{bits} {block_label(block)} (bit allocation: " \
+                       f"{config.allocation}); " + p.reason
+        if p.form == "nbits" and bits == 8:
+            p.accuracy_level = 4  # MatMulNBits' 8-bit kernel: levels 0-3 fall back to a slow path
+
+
+def _cost(p: LayerPlan, bits: int, block_size: int) -> int:
+    from dataclasses import replace
+
+    return sum(layer_bits(replace(p, bits=bits, block_size=block_size)).values())
+
+
+def _options(p: LayerPlan, layer: LinearLayer, importance: Mapping[str, InputImportance]) -> list[_Option]:
+    """The layer's options, cheapest first: int4 at its block and each smaller power of two down to 32, and
+    int8 at its block; each with its estimated damage (round-to-nearest error, importance-weighted)."""
+    from sw_onnx.kernels import dequantize_blockwise, quantize_blockwise
+
+    entry = importance.get(layer.input.name)
+    imp = entry.mean_sq(skip_first=IMPORTANCE_SKIP_FIRST) if entry is not None and entry.k == p.k else np.ones(p.k)
+    w = layer.weight.effective_weight().astype(np.float32)
+    blocks = [p.block_size] if p.block_size == PER_CHANNEL else [b for b in (p.block_size, p.block_size // 2,
+              p.block_size // 4, p.block_size // 8) if b >= _SMALLEST_BLOCK] or [p.block_size]
+    menu = [(p.bits, b) for b in blocks] + [(8, p.block_size)]
+    signal = float(imp @ np.square(w, dtype=np.float64).sum(axis=1)) or 1.0
+    options = []
+    for bits, block in menu:
+        kernel_block = kernel_block_size(block, p.k, p.form) or None
+        q = quantize_blockwise(w, bits=bits, block_size=kernel_block, symmetric=p.symmetric)
+        err = np.square(w - dequantize_blockwise(q), dtype=np.float64).sum(axis=1)
+        if p.sa_channels:
+            err[p.sa_channels] = 0.0  # those rows stay float
+        options.append(_Option(bits, block, _cost(p, bits, block), float(imp @ err), float(imp @ err) / signal))
+    return sorted(options, key=lambda o: o.cost)
+
+
+def _set_damage(options: Mapping[str, list[_Option]], sensitivity: Mapping[str, float]) -> None:
+    """Each option's damage by `ALLOCATION_DAMAGE` (measured: KL at the base option times the option's error
+    over the base's; a layer not measured gets the median KL per unit of relative error)."""
+    if ALLOCATION_DAMAGE == "absolute":
+        return
+    per_unit = [sensitivity[node] / opts[0].relative for node, opts in options.items()
+                if node in sensitivity and opts[0].relative > 0]
+    fallback = float(np.median(per_unit)) if per_unit else 1.0
+    for node, opts in options.items():
+        base = opts[0].damage
+        for o in opts:
+            if ALLOCATION_DAMAGE == "relative" or not sensitivity:
+                o.damage = o.relative
+            elif node in sensitivity and base > 0:
+                o.damage = sensitivity[node] * o.damage / base
+            else:
+                o.damage = fallback * o.relative
+
+
+def _damage_choice(cands: Sequence[LayerPlan], options: Mapping[str, list[_Option]], spare: float) -> dict:
+    """Multiple-choice knapsack, greedy on each layer's lower convex hull of (cost, damage): the steps of
+    largest damage saved per extra bit first, each taken when it fits what is left of the budget."""
+    steps = []
+    for p in cands:
+        hull = _hull(options[p.node])
+        for i in range(1, len(hull)):
+            extra = hull[i].cost - hull[i - 1].cost
+            steps.append(((hull[i - 1].damage - hull[i].damage) / max(extra, 1), p.node, i, extra, hull))
+    steps.sort(key=lambda s: -s[0])
+    at: dict[str, int] = {}
+    choice = {}
+    for _, node, i, extra, hull in steps:
+        if at.get(node, 0) != i - 1 or extra > spare:
+            continue
+        spare -= extra
+        at[node] = i
+        choice[node] = (hull[i].bits, hull[i].block_size)
+    return choice
+
+
+def _hull(options: list[_Option]) -> list[_Option]:
+    """The lower convex hull of (cost, damage), cheapest first, damage strictly falling."""
+    hull: list[_Option] = []
+    for o in options:
+        if hull and o.damage >= hull[-1].damage:
+            continue
+        while len(hull) >= 2 and ((hull[-1].damage - o.damage) * (hull[-1].cost - hull[-2].cost)
+                                  >= (hull[-2].damage - hull[-1].damage) * (o.cost - hull[-1].cost)):
+            hull.pop()
+        hull.append(o)
+    return hull
+
+
+_QKV = re.compile(r"(^|[/._])(q|k|v|qkv)_proj|attn_(q|k|v|qkv)([/._]|$)")
+_DOWN = re.compile(r"down_proj|ffn_down")
+
+
+def kquant_layers(plans: Sequence[LayerPlan]) -> list[LayerPlan]:
+    """llama.cpp's use_more_bits rule as onnxruntime-genai's k_quant_mixed applies it, in its order: the
+    lm_head, then for each decoder layer i (ascending) with i < n/8, i >= 7n/8 or (i - round(n/8)) % 3 == 2,
+    its q/k/v (fused qkv) projections and its down projection. Roles and indices come from node names."""
+    indexed = [p for p in plans if p.layer is not None]
+    n = max((p.layer for p in indexed), default=-1) + 1
+    chosen = [p for p in plans if p.is_lm_head]
+    for i in range(n):
+        if i < n / 8 or i >= 7 * n / 8 or (i - round(n / 8)) % 3 == 2:
+            chosen += [p for p in indexed if p.layer == i and _QKV.search(p.node)]
+            chosen += [p for p in indexed if p.layer == i and _DOWN.search(p.node)]
+    return chosen
+
+
+def _kquant_choice(cands: Sequence[LayerPlan], spare: float) -> dict:
+    choice = {}
+    for p in kquant_layers(cands):
+        extra = _cost(p, 8, p.block_size) - _cost(p, p.bits, p.block_size)
+        if extra <= spare:
+            spare -= extra
+            choice[p.node] = (8, p.block_size)
+    return choice
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,9 +14,12 @@ JSON summary schema ``sw-onnx/quantize``, version 1 (fields may be added; a rena
      "layers": [{"node", "op_type", "initializer", "position", "layer", "k", "n", "action", "reason",
                  "form", "is_lm_head", "kept", "accuracy_level", "float_bytes", "quantized_bytes",
                  "quantized_node", then the plan's other fields: "bits", "block_size", "symmetric", "clip",
-                 "zscore", "sa_channels", "activation"}],
+                 "zscore", "sa_channels", "activation", "bits_per_weight", "bit_count": {"codes", "scales",
+                 "zero_points", "side"} | null}],
      "totals": {"linear_layers", "quantized", "skipped", "forms": {form: count}, "float_weight_bytes",
-                "quantized_weight_bytes", "bits_per_weight"},
+                "quantized_weight_bytes", "weights", "bit_count": {"codes", "scales", "zero_points", "side"},
+                "bits_per_weight"},   # bits per weight: every bit written for the quantized layers (codes,
+                                      # scales, zero points, float side paths) over their weights
      "verification": VerifyResult.to_dict() | null, "seconds": {"detect", "rewrite_and_save", "verify", "total"}}
 """
 

@@ -23,6 +23,9 @@ JSON schema `sw-onnx/detect`, version 1 (fields may be added; a rename or remova
       token), "channels": [int] (super-activation channels), "handled_range", "median", "gain": float,
       "sa_entries": [{"channel", "token", "window", "value"}]}] (first pass; what `quantize --keep REPORT`
       keeps out of activation quantization, so it needs no calibration run),
+  "input_importance": [{"value": str, "nodes": [str], "k": int, "tokens": int, "windows": int,
+      "sum_sq": [float] (per channel, sum of x^2 over the prompt's tokens), "first_sq": [float] (the first
+      token's x^2)}] (first pass; quantize's activation-aware rounding and bit allocation),
   "iterations": int, "seconds": float
 }
 ```
@@ -60,6 +63,7 @@ def detect_report(result: DetectResult, *, model_path: Path, config: DetectConfi
         "super_activations": [asdict(s) for s in result.super_activations],
         "one_off_spikes": [asdict(s) for s in result.one_off_spikes],
         "input_ranges": [r.to_dict() for r in result.input_ranges.values()],
+        "input_importance": [i.to_dict() for i in result.input_importance.values()],
         "iterations": result.iterations,
         "seconds": round(result.seconds, 3),
     }

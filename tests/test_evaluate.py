@@ -254,3 +254,15 @@ def test_packaged_wikitext_is_found_without_shared_or_env(monkeypatch, tmp_path)
     assert text.startswith(" \n = Robert Boulter = \n") and len(text) > 1_000_000
     notice = (p.parent / "LICENSE-wikitext.txt").read_text(encoding="utf-8")
     assert "CC BY-SA 3.0" in notice and "Merity" in notice and "Wikipedia" in notice
+
+
+def test_bos_windows_are_bos_then_context_minus_one_tokens(pos_model, tables):
+    """perplexity(bos=B) equals the plain protocol on the stream with B inserted before every context - 1
+    tokens (the first prediction of each window is from BOS alone)."""
+    context, bos = 8, 3
+    ids = np.random.default_rng(5).integers(0, VOCAB, 7 * 6 + 4)
+    res = perplexity(pos_model, ids, context=context, bos=bos)
+    stream = np.concatenate([np.concatenate([[bos], ids[w * 7:(w + 1) * 7]]) for w in range(len(ids) // 7)])
+    ref_nll, ref_tokens, ref_windows = _reference_nll(*tables, stream, context)
+    assert res.windows == ref_windows == 6 and res.tokens == ref_tokens
+    assert res.nll_mean == pytest.approx(ref_nll, rel=1e-9)

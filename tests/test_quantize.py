@@ -462,3 +462,46 @@ def test_lm_head_is_int8_by_default_fused_at_accuracy_level_4(samples, tmp_path,
     # int8 weights (step <= max|w|/127 per block of 32) and int8 activation blocks at level 4: about 1%.
     assert np.abs(with_head - float_head).max() <= 0.02 * np.abs(float_head).max()
     assert (with_head.argmax(-1) == float_head.argmax(-1)).mean() >= 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# Bits per weight
+
+
+def _initializer_bits(model: onnx.ModelProto, prefixes: tuple[str, ...]) -> int:
+    """Bits of the initializers whose names start with one of `prefixes` (int4 counted as 4 bits each)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.name.startswith(prefixes):
+            count = int(np.prod(t.dims)) if t.dims else 1
+            width = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.UINT8: 8, TensorProto.INT8: 8,
+                     TensorProto.FLOAT16: 16, TensorProto.FLOAT: 32, TensorProto.INT64: 64}[t.data_type]
+            total += count * width
+    return total
+
+
+@pytest.mark.parametrize("variant,options", [
+    ("optimum", {}), ("optimum", {"format": "nbits"}), ("optimum", {"symmetric": True, "block_size": 0}),
+    ("optimum", {"sa_keep_out": False}), ("optimum", {"sa_keep_out": False, "format": "nbits", "block_size": 128}),
+    ("fp16", {"block_size": 16}), ("gemm", {"lm_head_bits": 4, "block_size": 64}),
+])
+def test_bits_per_weight_counts_exactly_what_is_written(samples, tmp_path, variant, options):
+    """The plan's bit count per layer equals the bits of the tensors written for it: codes, scales, zero
+    points, the kept-out side path and the super-activation rows."""
+    sample = samples[variant]
+    out = tmp_path / "q.onnx"
+    summary = quantize_model(sample.path, out, QuantizeConfig(keep=_keep(sample), verify=False, force=True, **options))
+    model = onnx.load(str(out))
+    assert summary.quantized
+    total_bits = 0
+    for p in summary.quantized:
+        written = _initializer_bits(model, (f"{p.node}/sw_onnx_q/", f"{p.node}/sw_onnx_q{p.position}/"))
+        written -= _initializer_bits(model, (f"{p.node}/sw_onnx_q/bias",))
+        sa_rows = [t for t in model.graph.initializer if t.name.startswith(f"{p.node}/sw_onnx_sa_keep_out/row")]
+        written += sum(_initializer_bits(model, (t.name,)) for t in sa_rows)
+        counted = p.to_dict()["bit_count"]
+        assert sum(counted.values()) == written, p.node
+        assert p.bits_per_weight == pytest.approx(written / (p.k * p.n))
+        total_bits += written
+    totals = summary.totals()
+    assert totals["bits_per_weight"] == pytest.approx(total_bits / totals["weights"], abs=1e-4)

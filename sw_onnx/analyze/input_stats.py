@@ -35,12 +35,16 @@ __all__ = [
     "CALIB_TOP_K",
     "DEFAULT_MIN_GAIN",
     "DEFAULT_SA_TOKENS",
+    "InputImportance",
     "InputRange",
     "InputStats",
     "InputStatsProbe",
     "calibrate_for_quantize",
     "calibrate_linear_inputs",
     "calibration_windows",
+    "collect_hessians",
+    "importance_from_entries",
+    "importance_from_stats",
     "plan_input_ranges",
     "ranges_from_entries",
 ]
@@ -76,6 +80,8 @@ class InputStats:
         window_tokens: per window, its token count.
         peak: the largest |x| over everything; ``peak_row`` (float32 [K], signed) is the input row at its
             token, ``peak_token`` that token's position, ``peak_window`` the window.
+        sum_sq: float64 [K], sum of x^2 per channel over every token; ``first_sq`` the same over the first
+            token of each window only; ``tokens`` the token count (`InputImportance`).
     """
 
     value: str
@@ -89,6 +95,9 @@ class InputStats:
     peak_row: np.ndarray | None = None
     peak_token: int = 0
     peak_window: int = 0
+    sum_sq: np.ndarray | None = None
+    first_sq: np.ndarray | None = None
+    tokens: int = 0
 
 
 def calibration_windows(token_ids: np.ndarray, *, context: int = CALIB_CONTEXT, max_tokens: int = CALIB_MAX_TOKENS,
@@ -155,11 +164,15 @@ class InputStatsProbe:
                 token_max = append_op(graph, "ReduceMax", [a], {"axes": [1], "keepdims": 0}, name=f"{tag}/token_max").outputs[0]
             peak = append_op(graph, "ArgMax", [token_max], {"axis": 0, "keepdims": 1}, name=f"{tag}/peak_token").outputs[0]
             row = append_op(graph, "Gather", [flat, peak], {"axis": 0}, name=f"{tag}/peak_row").outputs[0]
-            out = (f"{tag}/out/top_values", f"{tag}/out/top_tokens", f"{tag}/out/peak_token", f"{tag}/out/peak_row")
+            sum_sq, first = _square_sums(graph, flat, opset, tag)
+            out = (f"{tag}/out/top_values", f"{tag}/out/top_tokens", f"{tag}/out/peak_token", f"{tag}/out/peak_row",
+                   f"{tag}/out/sum_sq", f"{tag}/out/first_row")
             expose_output(graph, topk.outputs[0], out[0], ir.DataType.FLOAT, [None, width])
             expose_output(graph, topk.outputs[1], out[1], ir.DataType.INT64, [None, width])
             expose_output(graph, peak, out[2], ir.DataType.INT64, [1])
             expose_output(graph, row, out[3], ir.DataType.FLOAT, [1, width])
+            expose_output(graph, sum_sq, out[4], ir.DataType.FLOAT, [width])
+            expose_output(graph, first, out[5], ir.DataType.FLOAT, [width])
             self.names[name] = out
         self.output_names = [n for out in self.names.values() for n in out]
         self.stats = {name: InputStats(value=name, nodes=[layer.name for layer in group], k=group[0].k,
@@ -172,8 +185,13 @@ class InputStatsProbe:
     def add(self, result: Mapping[str, np.ndarray], tokens: int) -> None:
         """Fold one window's outputs (`output_names` -> arrays) into `stats`."""
         w = len(next(iter(self.stats.values())).window_tokens) if self.stats else 0
-        for name, (tv, tt, pt, pr) in self.names.items():
+        for name, (tv, tt, pt, pr, ss, fr) in self.names.items():
             s = self.stats[name]
+            if s.sum_sq is None:
+                s.sum_sq, s.first_sq = np.zeros(s.k, np.float64), np.zeros(s.k, np.float64)
+            s.sum_sq += result[ss].astype(np.float64)
+            s.first_sq += np.square(result[fr].astype(np.float64))
+            s.tokens += tokens
             top = result[tv]
             s.top_values.append(top.astype(np.float32))
             s.top_tokens.append(result[tt].astype(np.int64))
@@ -183,6 +201,18 @@ class InputStatsProbe:
             if peak > s.peak:
                 s.peak, s.peak_row = peak, result[pr][0].astype(np.float32)
                 s.peak_token, s.peak_window = int(result[pt][0]), w
+
+
+def _square_sums(graph: ir.Graph, flat: ir.Value, opset: int, tag: str) -> tuple[ir.Value, ir.Value]:
+    """``(sum over tokens of x^2 per channel, the first token's row)`` of a float [tokens, K] value."""
+    if opset >= 18:
+        axes = add_constant(graph, f"{tag}/sum_sq_axes", np.array([0], np.int64))
+        sum_sq = append_op(graph, "ReduceSumSquare", [flat, axes], {"keepdims": 0}, name=f"{tag}/sum_sq").outputs[0]
+    else:
+        sum_sq = append_op(graph, "ReduceSumSquare", [flat], {"axes": [0], "keepdims": 0}, name=f"{tag}/sum_sq").outputs[0]
+    zero = add_constant(graph, f"{tag}/first_index", np.array(0, np.int64))
+    first = append_op(graph, "Gather", [flat, zero], {"axis": 0}, name=f"{tag}/first_row").outputs[0]
+    return sum_sq, first
 
 
 def calibrate_linear_inputs(
@@ -320,13 +350,14 @@ def calibrate_for_quantize(
     calib_text: str | None = None,
     providers: Sequence[str] | None = None,
     model: ir.Model | None = None,
-) -> dict[str, InputRange]:
-    """`plan_input_ranges` of the model at `src` on the detection prompt `token_ids`, or on `calib_text`.
+) -> tuple[dict[str, InputRange], dict[str, InputImportance]]:
+    """`plan_input_ranges` and `importance_from_stats` of the model at `src` on the detection prompt
+    `token_ids`, or on `calib_text`.
 
     Args:
         model: the loaded model to instrument (a clone: it is changed), instead of loading `src` again.
 
-    A calibration text is tokenized as for perplexity (`sw_onnx.evaluate.text_token_ids`, no special
+    A calibration text is tokenized as for perplexity (`sw_onnx.measure.text_token_ids`, no special
     token), its first `CALIB_MAX_TOKENS` tokens cut into windows of `CALIB_CONTEXT`, each starting with BOS
     when the model's convention adds one (`sw_onnx.inputs.bos_convention`).
 
@@ -339,7 +370,7 @@ def calibrate_for_quantize(
     if calib_text is None:
         windows = [np.asarray(token_ids, np.int64)]
     else:
-        from sw_onnx.evaluate import text_token_ids
+        from sw_onnx.measure import text_token_ids
         from sw_onnx.inputs import bos_convention
 
         ids, _ = text_token_ids(src, text=calib_text)
@@ -347,7 +378,7 @@ def calibrate_for_quantize(
         windows = calibration_windows(ids, bos=bos if add_bos else None)
     stats = calibrate_linear_inputs(model if model is not None else str(src), windows, providers=providers)
     gc.collect()  # the instrumented copy's graph cycles hold its weights
-    return plan_input_ranges(stats)
+    return plan_input_ranges(stats), importance_from_stats(stats)
 
 
 def ranges_from_entries(entries: Sequence[Mapping]) -> dict[str, InputRange]:
@@ -364,3 +395,104 @@ def ranges_from_entries(entries: Sequence[Mapping]) -> dict[str, InputRange]:
         r.channels = [int(c) for c in r.channels]
         ranges[r.value] = r
     return ranges
+
+
+@dataclass
+class InputImportance:
+    """The input importance of the linear layers reading one value: per channel, the sum of x^2 over the
+    calibration tokens (all of them, and the first token of each window alone).
+
+    Attributes:
+        value, nodes, k: as in `InputStats`.
+        tokens, windows: the calibration tokens and windows.
+        sum_sq, first_sq: float64 [K].
+    """
+
+    value: str
+    nodes: list[str]
+    k: int
+    tokens: int
+    windows: int
+    sum_sq: np.ndarray
+    first_sq: np.ndarray
+
+    def mean_sq(self, *, skip_first: bool = False) -> np.ndarray:
+        """E[x_k^2] (float64 [K]); `skip_first` leaves out each window's first token."""
+        if skip_first and self.tokens > self.windows:
+            return np.maximum(self.sum_sq - self.first_sq, 0.0) / (self.tokens - self.windows)
+        return self.sum_sq / max(self.tokens, 1)
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "nodes": list(self.nodes), "k": self.k, "tokens": self.tokens,
+                "windows": self.windows, "sum_sq": [float(f"{v:.6g}") for v in self.sum_sq],
+                "first_sq": [float(f"{v:.6g}") for v in self.first_sq]}
+
+
+def importance_from_stats(stats: Mapping[str, InputStats]) -> dict[str, InputImportance]:
+    """`InputImportance` per input value from calibration statistics (those that measured x^2)."""
+    return {name: InputImportance(name, list(s.nodes), s.k, s.tokens, len(s.window_tokens), s.sum_sq.copy(),
+                                  s.first_sq.copy())
+            for name, s in stats.items() if s.sum_sq is not None and s.tokens}
+
+
+def importance_from_entries(entries: Sequence[Mapping]) -> dict[str, InputImportance]:
+    """`InputImportance`s from a detect report's ``input_importance`` entries.
+
+    Raises:
+        KeyError, TypeError, ValueError: a malformed entry.
+    """
+    out = {}
+    for e in entries:
+        k = int(e["k"])
+        sum_sq, first_sq = np.asarray(e["sum_sq"], np.float64), np.asarray(e["first_sq"], np.float64)
+        if sum_sq.shape != (k,) or first_sq.shape != (k,):
+            raise ValueError(f"input_importance {e['value']!r}: sum_sq/first_sq must hold k={k} values")
+        out[str(e["value"])] = InputImportance(str(e["value"]), [str(n) for n in e["nodes"]], k, int(e["tokens"]),
+                                               int(e["windows"]), sum_sq, first_sq)
+    return out
+
+
+HESSIAN_SKIP_FIRST = False
+"""Leave each window's first token (attention sink, super activation) out of the GPTQ Hessians."""
+
+
+def collect_hessians(model: ir.Model, windows: Sequence[np.ndarray], *,
+                     providers: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """``{input value name: X^T X}`` (float64 [K, K], X the value's rows over every token of `windows`) of
+    every linear-layer input: the Hessian of GPTQ's layer-wise objective (up to a factor 2).
+
+    Args:
+        model: a loaded model (a clone: it is instrumented in place, its outputs replaced).
+    """
+    from sw_onnx.inputs import build_feeds
+    from sw_onnx.io import create_session
+
+    layers, _ = find_linear_layers(model)
+    graph = model.graph
+    graph.outputs.clear()
+    names: dict[str, str] = {}
+    for i, layer in enumerate(layers):
+        x = layer.input
+        if x.name in names:
+            continue
+        tag = f"{_PREFIX}/hessian/{i}"
+        if x.dtype not in (None, ir.DataType.FLOAT):
+            x = append_op(graph, "Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{tag}/cast").outputs[0]
+        shape = add_constant(graph, f"{tag}/shape", np.array([-1, layer.k], np.int64))
+        flat = append_op(graph, "Reshape", [x, shape], name=f"{tag}/flatten").outputs[0]
+        if HESSIAN_SKIP_FIRST:
+            starts, ends = (add_constant(graph, f"{tag}/{n}", np.array([v], np.int64)) for n, v in (("s", 1), ("e", 1 << 62)))
+            axes = add_constant(graph, f"{tag}/axes", np.array([0], np.int64))
+            flat = append_op(graph, "Slice", [flat, starts, ends, axes], name=f"{tag}/skip_first").outputs[0]
+        flat_t = append_op(graph, "Transpose", [flat], {"perm": [1, 0]}, name=f"{tag}/transpose").outputs[0]
+        xtx = append_op(graph, "MatMul", [flat_t, flat], name=f"{tag}/xtx").outputs[0]
+        names[layer.input.name] = f"{tag}/out"
+        expose_output(graph, xtx, names[layer.input.name], ir.DataType.FLOAT, [layer.k, layer.k])
+    session = create_session(model, providers=list(providers) if providers else None, stream_weights=True)
+    out: dict[str, np.ndarray] = {}
+    fetch = list(names.values())
+    for window in windows:
+        feeds = build_feeds(session, np.asarray(window, np.int64).ravel()[None, :])
+        for (value, _), array in zip(names.items(), session.run(fetch, feeds)):
+            out[value] = out.get(value, 0) + array.astype(np.float64)
+    return out

@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from sw_onnx.config import PER_CHANNEL
 from sw_onnx.discover import LinearLayer
-from sw_onnx.kernels import quantize_blockwise, to_matmulnbits
+from sw_onnx.kernels import quantize_blockwise, quantize_gptq, to_matmulnbits
 from sw_onnx.passes.opset import INT4_MIN_IR_VERSION, QDQ_MIN_OPSET
 from sw_onnx.passes._rewrite import GraphBuilder, codes_tensor, layers_by_name, remove_orphans, replace_output, side_path, tensor_bytes
 from sw_onnx.plan import LayerPlan, QuantPlan, gemm_parameters, kernel_block_size
@@ -107,10 +107,17 @@ class _LayerQuantizer:
         w = self.chain.effective_weight()
         if self.alpha != 1.0:
             w = w * np.float32(self.alpha)
-        qw = quantize_blockwise(
-            w, bits=p.bits, block_size=kernel_block_size(p.block_size, w.shape[0], p.form), symmetric=p.symmetric,
-            clip=p.clip, zscore=p.zscore, keep_out=[(k, n) for k, n, _ in p.side_keep] or None,
-        )
+        search = {}
+        if p.clip == "mse":
+            search = {"weighting": {"x2": "none", "x2rms": "rms"}.get(p.error_weight, "w2"), "importance": p.importance}
+        block = kernel_block_size(p.block_size, w.shape[0], p.form)
+        keep_out = [(k, n) for k, n, _ in p.side_keep] or None
+        if p.hessian is not None:
+            qw = quantize_gptq(w, p.hessian, bits=p.bits, block_size=block, symmetric=p.symmetric, clip=p.clip,
+                               keep_out=keep_out, **search)
+        else:
+            qw = quantize_blockwise(w, bits=p.bits, block_size=block, symmetric=p.symmetric, clip=p.clip,
+                                    zscore=p.zscore, keep_out=keep_out, **search)
         del w
         if p.form == "nbits":
             b, scales, zp = to_matmulnbits(qw)
@@ -203,6 +210,7 @@ def _write_nbits(b: GraphBuilder, layer: LinearLayer, p: LayerPlan, lq: _LayerQu
     attrs = {"K": k, "N": n, "bits": p.bits, "block_size": bs, "accuracy_level": p.accuracy_level}
     main = b.op("MatMulNBits", [x, *tensors], layer.node_name, attrs, output=f"{prefix}/matmulnbits_output", domain=MS_DOMAIN)
     p.quantized_node = layer.node_name
+    p.written = {part: t.name for part, t in zip(("B", "scales", "zp"), tensors)}
     return main, tensors
 
 

@@ -1,0 +1,107 @@
+"""`QuantizeEmbeddingsPass`: embedding tables as ``com.microsoft::GatherBlockQuantized``.
+
+``Gather(table [V, H], ids)`` becomes ``GatherBlockQuantized(data, ids, scales[, zero_points], gather_axis=0,
+quantize_axis=1, block_size=B, bits=b)`` with ``data`` uint8 ``[V, H * b / 8]``: the codes of each row in
+blocks of B along H, laid out as MatMulNBits lays out a weight ``[K=H, N=V]`` (`sw_onnx.kernels.to_matmulnbits`:
+4-bit codes two per byte, low nibble first; zero points packed the same way), which onnxruntime's kernel reads
+with the same conventions. A table tied to the lm_head (plan ``shared_with``) reads the lm_head's MatMulNBits
+tensors through ``Reshape(B [V, H/B, B*b/8] -> [V, -1])``: one copy of the codes in the file for both.
+
+Runs after `QuantizeWeightsPass` (a shared table needs the lm_head's tensors written). The float table is
+quantized lazily at save time, like the weights.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import onnx_ir as ir
+
+from sw_onnx.kernels import quantize_blockwise, to_matmulnbits
+from sw_onnx.passes._rewrite import GraphBuilder
+from sw_onnx.plan import EmbeddingPlan, QuantPlan
+
+__all__ = ["QuantizeEmbeddingsPass"]
+
+MS_DOMAIN = "com.microsoft"
+_NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
+
+
+class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
+    """Replace the plan's embedding Gathers by GatherBlockQuantized."""
+
+    def __init__(self, plan: QuantPlan):
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        heads = {p.node: p for p in self.plan.layers}
+        for e in self.plan.embeddings:
+            _rewrite_table(model.graph, e, heads)
+        if self.plan.embeddings:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return ir.passes.PassResult(model, modified=bool(self.plan.embeddings))
+
+
+def _rewrite_table(graph: ir.Graph, e: EmbeddingPlan, heads) -> None:
+    table = graph.initializers[e.initializer]
+    b = GraphBuilder(graph)
+    prefix = f"{e.initializer}/sw_onnx_gbq"
+    if e.shared_with:
+        written = heads[e.shared_with].written
+        parts = [graph.initializers[written[k]] for k in ("B", "scales", "zp") if k in written]
+        shape = b.const(f"{prefix}/data_shape", np.array([e.vocab, -1], np.int64))
+        data = b.op("Reshape", [parts[0], shape], f"{prefix}/data_Reshape", output=f"{prefix}/data")
+        tensors = [data, *parts[1:]]
+    else:
+        tensors = _own_tensors(b, table, e, prefix)
+    gathers = [node for node in graph if node.name in e.nodes and node.op_type == "Gather"]
+    attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": e.block_size, "bits": e.bits}
+    for node in gathers:
+        inputs = [tensors[0], node.inputs[1], *tensors[1:]]
+        new = ir.node("GatherBlockQuantized", inputs, attrs, domain=MS_DOMAIN, name=node.name)
+        out = node.outputs[0]
+        new.outputs[0].name, new.outputs[0].type, new.outputs[0].shape = None, out.type, out.shape
+        out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+        graph.insert_before(node, [*b.nodes, new] if node is gathers[0] else [new])
+        graph.remove(node, safe=True)
+        name = out.name
+        out.name = None
+        new.outputs[0].name = name
+    if not table.uses() and not table.is_graph_output():
+        graph.initializers.pop(e.initializer)
+
+
+def _own_tensors(b: GraphBuilder, table: ir.Value, e: EmbeddingPlan, prefix: str) -> list[ir.Value]:
+    """The table's own codes, scales and zero points, computed when the model is saved."""
+    source = table.const_value
+    cache: dict[str, np.ndarray] = {}
+    lock = threading.Lock()  # the saver may compute several tensors on threads at once
+
+    def part(name: str) -> np.ndarray:
+        with lock:
+            return _part(name)
+
+    def _part(name: str) -> np.ndarray:
+        if not cache:
+            w = np.asarray(source.numpy(), dtype=np.float32).T  # [H, V]: a weight whose K is the hidden axis
+            codes, scales, zp = to_matmulnbits(quantize_blockwise(w, bits=e.bits, block_size=e.block_size,
+                                                                   symmetric=e.symmetric))
+            cache.update(data=codes.reshape(e.vocab, -1), scales=scales, zp=zp)
+        array = cache[name]
+        taken = cache.setdefault("_taken", set())
+        taken.add(name)
+        if taken >= ({"data", "scales"} | (set() if e.symmetric else {"zp"})):
+            cache.clear()
+        return array
+
+    dtype = ir.DataType(e.compute_dtype)
+    nb = -(-e.hidden // e.block_size)
+    out = [b.lazy(f"{prefix}/data", ir.DataType.UINT8, (e.vocab, nb * e.block_size * e.bits // 8),
+                  lambda: ir.Tensor(part("data"))),
+           b.lazy(f"{prefix}/scales", dtype, (e.vocab, nb), lambda: ir.Tensor(part("scales").astype(_NUMPY[dtype])))]
+    if not e.symmetric:
+        cols = -(-nb // 2) if e.bits == 4 else nb
+        out.append(b.lazy(f"{prefix}/zero_points", ir.DataType.UINT8, (e.vocab, cols), lambda: ir.Tensor(part("zp"))))
+    return out
