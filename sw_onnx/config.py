@@ -115,7 +115,7 @@ class QuantizeConfig:
     calib_text: str | None = None
     sa_keep_out: bool = True
     lm_head_bits: int = 8
-    error_weight: str = "w2"
+    error_weight: str = "x2"
     bits_per_weight: float | None = None
     allocation: str = "damage"
     embedding_bits: int = 0
