@@ -23,11 +23,17 @@ PER_CHANNEL = 0
 class QuantizeConfig:
     """Quantization settings, shared by the API and the CLI (defaults live here only).
 
-    Defaults: int4 with a zero point per block of 32 (5.125 bits per weight), ``clip="mse"`` (per block,
-    the candidate of least w^2-weighted squared error among the min-max and symmetric ranges, each shrunk by
-    1, 0.975, ..., 0.8), super weights and super-activation input channels kept out, the lm_head at 8 bits.
-    Each was chosen by measurement on SmolLM2-135M: docs/quantize_defaults.md has the tables, and
-    docs/quantize_quality.md every row of ``python bench/quantize_quality.py``.
+    Defaults: int4 with a zero point per block of 32 (5.125 bits per weight with fp32 scales), ``clip="mse"``
+    (per block, the candidate of least importance-weighted squared error among the min-max and symmetric ranges,
+    each shrunk by 1, 0.975, ..., 0.8, then 2 rounds of least-squares scale refit), ``error_weight="x2"``
+    (each weight's error weighted by its input channel's E[x^2], measured data-free on the detection prompt
+    without its first token), super weights and super-activation input channels kept out, the lm_head at 8
+    bits. Chosen by the worst case over SmolLM2-135M and Gemma-3-270M, each as exported (weights on a GGUF
+    4-bit grid) and off the grid (`sample_models/offgrid.py`), lm_head float: WikiText-2 perplexity at b32 /
+    b128, old default (w2) -> new: SmolLM2 off the grid 42.10 / 45.04 -> 40.43 / 41.96, exported 41.52 / 46.20
+    -> 39.86 / 43.45 (16 windows, fp32 36.00); Gemma-3 off the grid 30.41 / 36.17 -> 27.03 / 30.74, exported
+    30.45 / 38.84 -> 26.73 / 30.96 (8 windows, BOS + 511, fp32 23.46). docs/quantize_defaults.md has every
+    variant tried, docs/quantize_quality.md the bench (onnxruntime's quantizers, block sizes, budgets).
 
     Attributes:
         bits: 4 or 8.
@@ -115,7 +121,7 @@ class QuantizeConfig:
     calib_text: str | None = None
     sa_keep_out: bool = True
     lm_head_bits: int = 8
-    error_weight: str = "w2"
+    error_weight: str = "x2"
     bits_per_weight: float | None = None
     allocation: str = "damage"
     embedding_bits: int = 0

@@ -68,11 +68,6 @@ _SEARCH_CHUNK = 1 << 18
 """Elements per chunk of the ``clip="mse"`` search (1 MiB per float32 work array): numpy's per-call
 overhead stays small and the work arrays stay in the last-level cache (measured fastest of 64 Ki-512 Ki)."""
 
-MSE_REFIT_ITERATIONS = 0
-"""After the ``clip="mse"`` search, this many rounds of least-squares refitting of each block's scale to its
-codes (``s = sum(c w q) / sum(c q^2)`` with the search's error weights c, codes re-rounded), each kept only
-where it lowers the block's weighted error (as llama.cpp's make_qkx quantizers do)."""
-
 _PRUNE = True
 """Skip the blocks a candidate cannot improve (off only to test that skipping changes nothing)."""
 
@@ -142,6 +137,7 @@ def quantize_blockwise(
     mse_grid: int | None = None,
     keep_out: np.ndarray | list[tuple[int, int]] | None = None,
     importance: np.ndarray | None = None,
+    refit: int = 0,
 ) -> QuantizedWeight:
     """Quantize a float32 weight ``w[K, N]`` in blocks of ``block_size`` rows along K.
 
@@ -179,6 +175,10 @@ def quantize_blockwise(
             importance of its input channel (E[x_k^2], as llama.cpp's imatrix), so the search minimises
             ``sum(importance_k * weight * (w - deq)**2)``, the expected squared output error when the inputs
             are uncorrelated. None: all 1.
+        refit: for ``clip="mse"``: after the search, this many rounds of least-squares refitting of each
+            block's scale to its codes (``s = sum(c w q) / sum(c q^2)`` with the search's error weights c,
+            codes re-rounded), each kept only where it lowers the block's weighted error (as llama.cpp's
+            make_qkx quantizers do): the scale between the grid's steps. 0: the search's candidate as is.
         keep_out: weights kept out of the quantizer: a bool mask [K, N] or (k, n) coordinates
             (sequence of pairs or int array [M, 2]). They are left out of their block's range,
             statistics and error, and get the code that dequantizes to exactly 0 (the zero point, or 0
@@ -204,6 +204,8 @@ def quantize_blockwise(
     bs = _effective_block_size(block_size, k)
     qmin, qmax = _code_range(bits, symmetric)
     z, weight_mode, grid = _check_clip_options(clip, zscore, weighting, mse_grid)
+    if refit and clip != "mse":
+        raise ValueError("refit is only used with clip='mse'")
     excluded = _keep_out_mask(keep_out, w.shape)
     imp_blocks = _importance_blocks(importance, k, bs, clip)
 
@@ -224,8 +226,8 @@ def quantize_blockwise(
         del range_blocks, valid
         if clip == "mse":
             s, zp = _search_mse(blocks, lo, hi, bits, symmetric, weight_mode, grid, imp_blocks)
-            if MSE_REFIT_ITERATIONS:
-                s = _refit_scales(blocks, s, zp, qmin, qmax, weight_mode, imp_blocks, MSE_REFIT_ITERATIONS)
+            if refit:
+                s = _refit_scales(blocks, s, zp, qmin, qmax, weight_mode, imp_blocks, refit)
         else:
             s, zp = _scale_zero_point(lo, hi, bits, symmetric)
         q[:, sl] = _round_codes(blocks, s, zp, qmin, qmax).reshape(nblocks * bs, -1)[:k]
@@ -610,7 +612,7 @@ def _error_weight(x: np.ndarray, mode: str, axis: int) -> np.ndarray | None:
 
 def _refit_scales(blocks: np.ndarray, s: np.ndarray, zp: np.ndarray | None, qmin: int, qmax: int, weighted: str,
                   importance: np.ndarray | None, iterations: int) -> np.ndarray:
-    """`MSE_REFIT_ITERATIONS`: per block, the least-squares scale for its codes, kept where the weighted error
+    """``refit``: per block, the least-squares scale for its codes, kept where the weighted error
     (codes re-rounded with it) falls. Zero-filled elements (tail, kept-out) map to the zero point and add
     nothing. Returns the new scales [nblocks, 1, N]."""
     c = _error_weight(blocks, weighted, 1)

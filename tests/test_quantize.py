@@ -20,7 +20,7 @@ from sw_onnx.kernels import quantize_blockwise, unpack_int4_low_first
 from sw_onnx.discover import find_lm_head
 from sw_onnx.passes.opset import UpgradeOpsetPass
 from sw_onnx.passes.quantize_weights import QuantizeWeightsPass
-from sw_onnx.plan import build_quant_plan
+from sw_onnx.plan import MSE_REFIT_ITERATIONS, build_quant_plan
 from sw_onnx.quantize import QuantizeConfig, default_output_path, quantize_model
 from sw_onnx.discover import find_linear_layers
 
@@ -149,7 +149,8 @@ def _dq_attributes(model: onnx.ModelProto) -> list[dict]:
 def test_per_channel_is_dequantizelinear_axis_1_and_fuses(samples, tmp_path, bits, symmetric):
     sample = samples["optimum"]
     out = tmp_path / "q.onnx"
-    config = QuantizeConfig(bits=bits, block_size=0, symmetric=symmetric, keep="none", include_lm_head=True, sa_keep_out=False)
+    config = QuantizeConfig(bits=bits, block_size=0, symmetric=symmetric, keep="none", include_lm_head=True, sa_keep_out=False,
+                            error_weight="w2")  # compared with the kernel's w^2 search below
     summary = quantize_model(sample.path, out, config)
     v = summary.verification
     assert v["passed"] and v["matmulnbits"] == v["expected_fused"] == 29 and v["dequantize_linear"] == 0
@@ -159,7 +160,7 @@ def test_per_channel_is_dequantizelinear_axis_1_and_fuses(samples, tmp_path, bit
     # The stored codes, scales and zero points are the kernel's per-channel output.
     d = next(d for d in summary.quantized if d.node == "/model/layers.1/mlp/down_proj/MatMul")
     w = numpy_helper.to_array({t.name: t for t in onnx.load(str(sample.path)).graph.initializer}[d.initializer])
-    ref = quantize_blockwise(w, bits=bits, block_size=None, symmetric=symmetric, clip="mse")
+    ref = quantize_blockwise(w, bits=bits, block_size=None, symmetric=symmetric, clip="mse", refit=MSE_REFIT_ITERATIONS)
     prefix = f"{d.node}/sw_onnx_q/"
     np.testing.assert_array_equal(_codes(model, prefix + "weight", (d.k, d.n)), ref.q)
     np.testing.assert_array_equal(_init(model, prefix + "scale"), ref.scale[0])  # [N]
@@ -229,7 +230,7 @@ def test_kept_out_weight_is_exact_on_the_side_path_and_zero_in_int4(samples, tmp
     # sa_keep_out off: with it, the planted spike's input channel (and so the super weights' row) leaves the
     # MatMul on its own float side path, and there is nothing left to keep out of the int4 weight.
     config = QuantizeConfig(keep=_keep(sample), block_size=32, clip="mse", symmetric=False, verify=False,
-                            sa_keep_out=False)
+                            sa_keep_out=False, error_weight="w2")  # compared with the kernel's w^2 search below
     summary = quantize_model(sample.path, out, config)
     (down,) = [d for d in summary.quantized if d.kept]
     assert sorted(tuple(k["index"]) for k in down.kept) == sorted(s.index for s in sample.super_weights)
@@ -248,7 +249,8 @@ def test_kept_out_weight_is_exact_on_the_side_path_and_zero_in_int4(samples, tmp
     assert np.count_nonzero(side) == len(sample.super_weights)
     # The stored tensors are the kernels' output for the effective weight with the keep-out.
     w = numpy_helper.to_array({t.name: t for t in onnx.load(str(sample.path)).graph.initializer}[down.initializer])
-    ref = quantize_blockwise(w, bits=4, block_size=32, clip="mse", keep_out=[(s.col, s.row) for s in sample.super_weights])
+    ref = quantize_blockwise(w, bits=4, block_size=32, clip="mse", keep_out=[(s.col, s.row) for s in sample.super_weights],
+                             refit=MSE_REFIT_ITERATIONS)
     np.testing.assert_array_equal(q, ref.q)
     np.testing.assert_array_equal(_init(model, prefix + "scale"), ref.scale)
 

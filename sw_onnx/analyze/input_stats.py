@@ -405,7 +405,8 @@ class InputImportance:
     Attributes:
         value, nodes, k: as in `InputStats`.
         tokens, windows: the calibration tokens and windows.
-        sum_sq, first_sq: float64 [K].
+        sum_sq, first_sq: float32 [K] (float32 so that a report's JSON carries them exactly: quantizing from
+            the report and after detection give the same file).
     """
 
     value: str
@@ -418,20 +419,23 @@ class InputImportance:
 
     def mean_sq(self, *, skip_first: bool = False) -> np.ndarray:
         """E[x_k^2] (float64 [K]); `skip_first` leaves out each window's first token."""
+        total, first = self.sum_sq.astype(np.float64), self.first_sq.astype(np.float64)
         if skip_first and self.tokens > self.windows:
-            return np.maximum(self.sum_sq - self.first_sq, 0.0) / (self.tokens - self.windows)
-        return self.sum_sq / max(self.tokens, 1)
+            return np.maximum(total - first, 0.0) / (self.tokens - self.windows)
+        return total / max(self.tokens, 1)
 
     def to_dict(self) -> dict:
+        def exact(a: np.ndarray) -> list[float]:  # the shortest decimal that reads back as the same float32
+            return [float(str(v)) for v in np.asarray(a, np.float32)]
+
         return {"value": self.value, "nodes": list(self.nodes), "k": self.k, "tokens": self.tokens,
-                "windows": self.windows, "sum_sq": [float(f"{v:.6g}") for v in self.sum_sq],
-                "first_sq": [float(f"{v:.6g}") for v in self.first_sq]}
+                "windows": self.windows, "sum_sq": exact(self.sum_sq), "first_sq": exact(self.first_sq)}
 
 
 def importance_from_stats(stats: Mapping[str, InputStats]) -> dict[str, InputImportance]:
     """`InputImportance` per input value from calibration statistics (those that measured x^2)."""
-    return {name: InputImportance(name, list(s.nodes), s.k, s.tokens, len(s.window_tokens), s.sum_sq.copy(),
-                                  s.first_sq.copy())
+    return {name: InputImportance(name, list(s.nodes), s.k, s.tokens, len(s.window_tokens), s.sum_sq.astype(np.float32),
+                                  s.first_sq.astype(np.float32))
             for name, s in stats.items() if s.sum_sq is not None and s.tokens}
 
 
@@ -444,7 +448,7 @@ def importance_from_entries(entries: Sequence[Mapping]) -> dict[str, InputImport
     out = {}
     for e in entries:
         k = int(e["k"])
-        sum_sq, first_sq = np.asarray(e["sum_sq"], np.float64), np.asarray(e["first_sq"], np.float64)
+        sum_sq, first_sq = np.asarray(e["sum_sq"], np.float32), np.asarray(e["first_sq"], np.float32)
         if sum_sq.shape != (k,) or first_sq.shape != (k,):
             raise ValueError(f"input_importance {e['value']!r}: sum_sq/first_sq must hold k={k} values")
         out[str(e["value"])] = InputImportance(str(e["value"]), [str(n) for n in e["nodes"]], k, int(e["tokens"]),

@@ -109,7 +109,8 @@ class _LayerQuantizer:
             w = w * np.float32(self.alpha)
         search = {}
         if p.clip == "mse":
-            search = {"weighting": {"x2": "none", "x2rms": "rms"}.get(p.error_weight, "w2"), "importance": p.importance}
+            search = {"weighting": {"x2": "none", "x2rms": "rms"}.get(p.error_weight, "w2"), "importance": p.importance,
+                      "refit": p.refit}
         block = kernel_block_size(p.block_size, w.shape[0], p.form)
         keep_out = [(k, n) for k, n, _ in p.side_keep] or None
         if p.hessian is not None:
