@@ -5,11 +5,13 @@ Rows, all SmolLM2-135M-Instruct from the same fp32 weights (``sample_models/expo
 (a) the onnxruntime-genai 0.15.2 model builder's int4 (``python -m onnxruntime_genai.models.builder ... -p int4
     -e cpu``): its default RTN (symmetric, blocks of 32, accuracy_level 4, lm_head int4 and the tied embedding
     int4 through GatherBlockQuantized), the default with the lm_head at 8 bits
-    (``--extra_options matmul_mixed_precision=last_matmul:int8``), ``algo_config=k_quant`` and
-    ``algo_config=k_quant_mixed``;
+    (``--extra_options matmul_mixed_precision=last_matmul:int8``: the 0.15.2 builder writes a graph that does not
+    load, reported as failed), RTN with the lm_head at 8 bits (``algo_config=rtn_last``), ``algo_config=k_quant``
+    and ``algo_config=k_quant_mixed`` (lm_head, embedding and the qkv/down projections of 14 layers at 8 bits);
 (b) the builder's fp32 folder + ``sw-onnx quantize`` with the same block size and lm_head bits
-    (``--block-size 32 --lm-head-bits 4``), and with no options (lm_head 8-bit); sw-onnx leaves the embedding
-    float (it does not quantize Gather weights);
+    (``--block-size 32 --lm-head-bits 4``), the same plus the embedding at 4 bits like the builder's
+    (``--embedding-bits 4``: GatherBlockQuantized sharing the tied lm_head's weight), with no options (lm_head
+    8-bit, embedding float), and with ``--embedding-bits 8`` (lm_head and embedding 8-bit, as ``rtn_last``);
 (c) the builder's fp32 folder.
 
 Columns:
@@ -33,11 +35,14 @@ Columns:
   zero points (``--symmetric``), to show where (b)'s decode time goes.
 
 The builder variants other than the cached ``-p fp32`` / ``-p int4`` folders are built once into
-``$SW_ONNX_CACHE/genai-builder-bench/`` (default ``~/.cache/sw-onnx``), as are the sw-onnx outputs (``--rebuild``
-redoes the sw-onnx ones). A variant that fails to build is reported with its error and the other rows go on.
+``$SW_ONNX_CACHE/genai-builder-bench/`` (default ``~/.cache/sw-onnx``), as are the sw-onnx outputs. A variant
+that fails to build is reported with its error (the failure is cached too) and the other rows go on; ``--rebuild``
+redoes the sw-onnx outputs and retries failed builder variants.
 
-Usage: python bench/genai_builder.py [--windows 16] [--rounds 5] [--decode 32] [--markdown FILE] [--json FILE]
-                                     [--rows NAME ...] [--no-og] [--reuse-ppl]
+Usage: python bench/genai_builder.py [--windows 16] [--rounds 11] [--decode 32] [--markdown FILE] [--json FILE]
+                                     [--rows NAME ...] [--no-og] [--no-latency] [--reuse-ppl] [--rebuild]
+                                     [--from-json]
+Takes about 25 minutes here (each row's perplexity 1-1.5 min, the latency columns about 10 min).
 """
 
 from __future__ import annotations
@@ -89,11 +94,16 @@ ROWS = (
         lm_head="int8 b32"),
     Row("sw_lm4", "b", "builder fp32 + `sw-onnx quantize --block-size 32 --lm-head-bits 4`", "sw",
         sw_args=("--block-size", "32", "--lm-head-bits", "4"), lm_head="int4 b32"),
+    Row("sw_lm4_emb4", "b", "builder fp32 + `sw-onnx quantize --block-size 32 --lm-head-bits 4 --embedding-bits 4`",
+        "sw", sw_args=("--block-size", "32", "--lm-head-bits", "4", "--embedding-bits", "4"), lm_head="int4 b32"),
     Row("sw_default", "b", "builder fp32 + `sw-onnx quantize` (defaults)", "sw", lm_head="int8 b32"),
+    Row("sw_default_emb8", "b", "builder fp32 + `sw-onnx quantize --embedding-bits 8`", "sw",
+        sw_args=("--embedding-bits", "8"), lm_head="int8 b32"),
     # diagnostics: where (b)'s decode time goes (the kept-out side paths, the zero points)
     Row("sw_lm4_nokeep", "b*", "builder fp32 + `sw-onnx quantize --block-size 32 --lm-head-bits 4 --keep none "
         "--no-sa-keep-out` (no side paths)", "sw",
-        sw_args=("--block-size", "32", "--lm-head-bits", "4", "--keep", "none", "--no-sa-keep-out"), lm_head="int4 b32"),
+        sw_args=("--block-size", "32", "--lm-head-bits", "4", "--keep", "none", "--no-sa-keep-out"),
+        lm_head="int4 b32"),
     Row("sw_lm4_sym_nokeep", "b*", "builder fp32 + `sw-onnx quantize --block-size 32 --lm-head-bits 4 --symmetric "
         "--keep none --no-sa-keep-out` (no side paths, no zero points)", "sw",
         sw_args=("--block-size", "32", "--lm-head-bits", "4", "--symmetric", "--keep", "none", "--no-sa-keep-out"),
@@ -139,7 +149,7 @@ def _hf_folder(quiet: bool = False) -> Path:
 
 def _builder_variant(row: Row, rebuild: bool = False) -> tuple[Path, dict]:
     """Run the builder with `row.extra` (cached); returns (folder, build record)."""
-    from sample_models.export_smollm2_genai import BUILDER_FILES, MARKER, _genai_greedy, _genai_version
+    from sample_models.export_smollm2_genai import MARKER
 
     out = _bench_root() / f"smollm2-135m-genai-{row.precision}-{row.name}"
     failed = out.parent / f"{out.name}.failed"
@@ -185,7 +195,8 @@ def _run_builder_variant(row: Row, out: Path) -> tuple[Path, dict]:
         try:
             seq, _ = _genai_greedy(onnx_dir, ids, 8)
         except Exception as e:  # the builder wrote a folder that onnxruntime-genai cannot load
-            raise RuntimeError(f"onnxruntime-genai cannot run the builder's output: {e}".replace(str(tmp), "<tmp>")) from None
+            msg = f"onnxruntime-genai cannot run the builder's output: {e}".replace(str(tmp), "<tmp>")
+            raise RuntimeError(msg) from None
         record = {"command": ["python" if a == sys.executable else a for a in cmd], "seconds": round(seconds, 1),
                   "genai_greedy_ids": seq, "files": sorted(p.name for p in onnx_dir.iterdir()),
                   "unknown_files": sorted(p.name for p in onnx_dir.iterdir() if p.name not in BUILDER_FILES)}
@@ -196,23 +207,76 @@ def _run_builder_variant(row: Row, out: Path) -> tuple[Path, dict]:
     return out, record
 
 
+def _sw_commit() -> str:
+    """The sw-onnx checkout's commit (short), "+dirty" when sw_onnx/ has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sw_onnx"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def _sw_variant(row: Row, fp32: Path, rebuild: bool) -> tuple[Path, dict]:
     out = _bench_root() / f"smollm2-135m-genai-sw-{row.name}"
     summary = _bench_root() / f"smollm2-135m-genai-sw-{row.name}.summary.json"
     if out.is_dir() and summary.is_file() and not rebuild:
-        return out, json.loads(summary.read_text()).get("_bench", {})
+        data = json.loads(summary.read_text())
+        _check_embeddings(row, data)
+        return out, data.get("_bench", {})
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "sw_onnx.cli", "quantize", str(fp32), "-o", str(out), *row.sw_args,
            "--json", str(summary)]
     _log(f"quantizing {row.name}: sw-onnx quantize {' '.join(row.sw_args)}")
+    commit = _sw_commit()
     res = run_measured(cmd, cwd=ROOT)
     record = {"command": ["sw-onnx", "quantize", "FP32_FOLDER", "-o", "OUT_FOLDER", *row.sw_args],
-              "seconds": round(res["seconds"], 1), "peak_rss_mb": round(res["peak_rss_mb"])}
+              "seconds": round(res["seconds"], 1), "peak_rss_mb": round(res["peak_rss_mb"]),
+              "sw_onnx_commit": commit if commit == _sw_commit() else f"{commit}..{_sw_commit()}"}
     data = json.loads(summary.read_text())
+    noise = {"force", "verify", "providers", "format", "calib_text", "exclude", "min_top1_agreement"}
+    record["config"] = {k: v for k, v in data.get("config", {}).items() if k not in noise}
     data["_bench"] = record
     summary.write_text(json.dumps(data, indent=2) + "\n")
+    _check_embeddings(row, data)
     return out, record
+
+
+def _check_embeddings(row: Row, summary: dict) -> None:
+    """A row that asks for a quantized embedding is not measured when sw-onnx quantized none (it would only
+    repeat the row without the option)."""
+    if "--embedding-bits" in row.sw_args and not summary.get("embeddings"):
+        raise RuntimeError("`sw-onnx quantize --embedding-bits` quantized no embedding here (summary "
+                           "\"embeddings\": []): the builder's Gather reads Transpose(lm_head.MatMul.weight), not "
+                           "an initializer, and sw_onnx.discover.find_embeddings only takes a Gather on an "
+                           "initializer; not measured")
+
+
+def _fused_facts(folder: Path) -> dict:
+    """MatMulNBits in onnxruntime's optimized graph (what runs): count by bits/accuracy_level/zero points."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        m = onnx.load(str(Path(tmp) / "opt.onnx"), load_external_data=False)
+    kinds = collections.Counter()
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits":
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+            zp = len(n.input) > 3 and n.input[3] != ""
+            kinds[f"bits={a.get('bits')} acc={a.get('accuracy_level', 0)}{' zp' if zp else ''}"] += 1
+    return {"matmulnbits": dict(kinds), "nodes": len(m.graph.node)}
 
 
 def _quant_facts(folder: Path) -> dict:
@@ -245,7 +309,8 @@ def _quant_facts(folder: Path) -> dict:
         if "embed_tokens" in n.name and n.op_type in ("Gather", "GatherBlockQuantized"):
             facts["embedding"] = f"{n.op_type}" + (f" bits={attrs.get('bits')}" if "bits" in attrs else "")
     ops = collections.Counter(n.op_type for n in m.graph.node)
-    facts.update(matmulnbits=dict(nbits), dequantize_linear=dict(dq), matmul=ops.get("MatMul", 0))
+    facts.update(matmulnbits=dict(nbits), dequantize_linear=dict(dq), matmul=ops.get("MatMul", 0),
+                 nodes=len(m.graph.node), fused=_fused_facts(folder))
     return facts
 
 
@@ -302,7 +367,8 @@ def run(m, steps):
     times, toks, length = [], [tok], prefill
     for _ in range(steps):
         length += 1
-        t = time.perf_counter(); tok = step(np.array([tok], dtype=np.int64), length); times.append(time.perf_counter() - t)
+        t = time.perf_counter(); tok = step(np.array([tok], dtype=np.int64), length)
+        times.append(time.perf_counter() - t)
         toks.append(tok)
     return pre, times, toks
 names = list(models)
@@ -390,8 +456,9 @@ def _markdown(data: dict) -> str:
     lines = [
         "# onnxruntime-genai's builder int4 vs sw-onnx on the builder's fp32 folder (SmolLM2-135M)",
         "",
-        f"Measured {data['date']} on this 2-core machine (shared with other jobs), onnxruntime {data['versions']['onnxruntime']}, "
-        f"onnxruntime-genai {data['versions']['onnxruntime-genai']} (its builder), sw-onnx {data['versions']['sw-onnx']}. "
+        f"Measured {data['date']} on this 2-core machine (shared with other jobs), onnxruntime "
+        f"{data['versions']['onnxruntime']}, onnxruntime-genai {data['versions']['onnxruntime-genai']} (its builder), "
+        f"sw-onnx {data['versions']['sw-onnx']}. "
         f"Written by `{data['command']}` in {data['seconds'] / 60:.0f} min.",
         "",
         f"Perplexity: WikiText-2 test, `sw-onnx eval DIR --max-tokens {args['windows'] * CONTEXT}` = "
@@ -430,12 +497,75 @@ def _markdown(data: dict) -> str:
     for r in rows:
         if not r.get("error"):
             lines.append(f"- {r['name']}: MatMulNBits {r['facts']['matmulnbits'] or 'none'}, "
-                         f"DequantizeLinear {r['facts']['dequantize_linear'] or 'none'}, MatMul {r['facts']['matmul']}, "
-                         f"embedding {r['facts']['embedding']}, lm_head {r['facts']['lm_head']}"
-                         + (f"; built in {r['build_seconds']} s" if r.get("build_seconds") is not None else ""))
+                         f"DequantizeLinear {r['facts']['dequantize_linear'] or 'none'}, "
+                         f"MatMul {r['facts']['matmul']}, "
+                         f"embedding {r['facts']['embedding']}, lm_head {r['facts']['lm_head']}, "
+                         f"{r['facts']['nodes']} nodes; fused: MatMulNBits {r['facts']['fused']['matmulnbits']}, "
+                         f"{r['facts']['fused']['nodes']} nodes"
+                         + (f"; built in {r['build_seconds']} s" if r.get("build_seconds") is not None else "")
+                         + (f"; sw-onnx {r['sw_onnx_commit']}, {r['sw_config']}" if r.get("sw_onnx_commit") else ""))
     lines += ["", "## Notes", ""]
-    lines += [f"- {n}" for n in data["notes"]]
+    lines += [f"- {n}" for n in _notes(rows, data.get("ort_latency"), data.get("og_latency"))]
     return "\n".join(lines)
+
+
+def _spread(lat: dict | None) -> tuple[float, float]:
+    vals = [max(v) / min(v) for v in (lat or {}).get("per_round_decode_s", {}).values() if v]
+    return (min(vals), max(vals)) if vals else (float("nan"), float("nan"))
+
+
+def _notes(rows: list[dict], ort: dict | None = None, og: dict | None = None) -> list[str]:
+    notes = [
+        "Embedding: the builder's quantized folders reuse the quantized lm_head weight for the tied embedding "
+        "(GatherBlockQuantized, 4 or 8 bits like the lm_head). sw-onnx leaves it float by default (49152 x 576 "
+        "floats = 113 MB of the folder, about half of it); `--embedding-bits 4|8` is meant to do what the builder "
+        "does (see the rows that ask for it).",
+        "(b) keeps sw-onnx's other defaults (each row's quantize config is listed under Graphs): asymmetric with a "
+        "zero point per block, a range search weighted by --error-weight, super weights and super-activation "
+        "channels kept out on side paths. The builder's default RTN is symmetric "
+        "(no zero points); k_quant writes zero points. sw-onnx writes standard DequantizeLinear + MatMul, which "
+        "onnxruntime fuses into MatMulNBits at session load (\"fused\" under Graphs: the optimized graph).",
+        "k_quant_mixed is not at equal bits: 29 of its 151 MatMulNBits (lm_head included) and the embedding are "
+        "8-bit, 113.6 MB vs 86.5 MB for the RTN folder.",
+        "The onnxruntime column is the one to judge decode by: all sessions live in one process and take turns "
+        "within each round, so the machine's load (other jobs share these 2 cores) hits every model alike. The "
+        "og.Generator column measures each model in its own process at a different moment, with spinning "
+        "threads: when other jobs run it moves by 10-50% from round to round (seen in earlier runs), so read it "
+        "as a check that the folders run in onnxruntime-genai at about the same speed.",
+    ]
+    spread = {name: max(v) / min(v) for name, v in (og or {}).get("per_round_decode_s", {}).items() if v}
+    if spread:
+        notes.append("Round-to-round spread (slowest / fastest round) in this run, og.Generator: "
+                     f"{min(spread.values()):.2f}-{max(spread.values()):.2f}x; onnxruntime: "
+                     + "{:.2f}-{:.2f}x.".format(*_spread(ort)))
+    same = [r["name"] for r in rows if r.get("greedy_tokens_og") and r.get("greedy_tokens_ort")
+            and r["greedy_tokens_og"] == r["greedy_tokens_ort"][:len(r["greedy_tokens_og"])]]
+    differ = [r["name"] for r in rows if r.get("greedy_tokens_og") and r["name"] not in same]
+    if same or differ:
+        notes.append(f"Greedy tokens of og.Generator and of the onnxruntime loop on the same prompt: equal for "
+                     f"{', '.join(same) or 'no row'}" + (f"; different for {', '.join(differ)}" if differ else "")
+                     + " (JSON: greedy_tokens_ort / greedy_tokens_og).")
+    commits = sorted({r["sw_onnx_commit"] for r in rows if r.get("sw_onnx_commit")})
+    if commits:
+        notes.append(f"sw-onnx checkout that wrote the (b) rows: {', '.join(commits)}"
+                     + (" (the checkout changed during the run: compare those rows with care)" if len(commits) > 1
+                        else "") + ".")
+    for r in rows:
+        if r.get("error"):
+            extra = ""
+            if r["name"] == "rtn_lm8_default":
+                extra = (" A bug of the 0.15.2 builder: with the default method and the embedding tied to the "
+                         "lm_head, the GatherBlockQuantized embedding refers to the RTN name of the int8 lm_head "
+                         "weight, which the default (MLAS) quantizer does not write; `algo_config=rtn_last` "
+                         "(row rtn_lm8) is the working way to an int8 lm_head.")
+            notes.append(f"{r['name']} failed: {r['error']}{extra}")
+        if r.get("og_error"):
+            notes.append(f"og.Generator failed on {r['name']}: {r['og_error']}")
+    return notes
+
+
+def _met(ratio: float | None, limit: float = 1.05) -> str:
+    return "not measured" if ratio is None else "met" if ratio <= limit else "NOT met"
 
 
 def _verdicts(rows: list[dict], ort: dict | None, og: dict | None) -> list[str]:
@@ -450,16 +580,26 @@ def _verdicts(rows: list[dict], ort: dict | None, og: dict | None) -> list[str]:
         return "not measured"
 
     out.append(f"Perplexity, (b) `--lm-head-bits 4` vs (a) RTN at block 32, lm_head int4: {ppl_line('sw_lm4', 'rtn')}.")
+    out.append("Perplexity, (b) `--lm-head-bits 4 --embedding-bits 4` vs (a) RTN (lm_head and embedding int4 in both): "
+               f"{ppl_line('sw_lm4_emb4', 'rtn')}.")
     for k in ("k_quant", "k_quant_mixed"):
         out.append(f"Perplexity, (b) `--lm-head-bits 4` vs (a) {k}: {ppl_line('sw_lm4', k)}.")
-    out.append(f"Perplexity, (b) default (lm_head 8-bit) vs (a) RTN with lm_head int8: {ppl_line('sw_default', 'rtn_lm8')}.")
+    out.append("Perplexity, (b) default (lm_head 8-bit) vs (a) RTN with lm_head int8: "
+               f"{ppl_line('sw_default', 'rtn_lm8')}.")
     r = _ratio(pr, "sw_lm4", "rtn")
     out.append(f"Decode (onnxruntime), (b) `--lm-head-bits 4` / (a) RTN, equal block 32 and lm_head int4: "
-               f"{_f(r, '{:.3f}x')} (asked: within 1.05x): {'met' if r is not None and r <= 1.05 else 'NOT met'}.")
+               f"{_f(r, '{:.3f}x')} (asked: within 1.05x): {_met(r)}.")
+    r = _ratio(pr, "sw_lm4_emb4", "rtn")
+    out.append(f"Decode (onnxruntime), (b) `--lm-head-bits 4 --embedding-bits 4` / (a) RTN: {_f(r, '{:.3f}x')} "
+               f"(asked: within 1.05x): {_met(r)}.")
+    out.append("Perplexity, (b) `--embedding-bits 8` (lm_head and embedding 8-bit) vs (a) RTN with lm_head int8: "
+               f"{ppl_line('sw_default_emb8', 'rtn_lm8')}; vs k_quant_mixed: "
+               f"{ppl_line('sw_default_emb8', 'k_quant_mixed')}.")
     r2 = _ratio(pr, "sw_default", "rtn")
     r3 = _ratio(pr, "sw_default", "rtn_lm8")
     out.append(f"Decode (onnxruntime), (b) default / (a) RTN: {_f(r2, '{:.3f}x')}; "
-               f"(b) default / (a) RTN with lm_head int8: {_f(r3, '{:.3f}x')}.")
+               f"(b) default / (a) RTN with lm_head int8: {_f(r3, '{:.3f}x')}; (b) `--embedding-bits 8` / (a) RTN "
+               f"with lm_head int8: {_f(_ratio(pr, 'sw_default_emb8', 'rtn_lm8'), '{:.3f}x')}.")
     d1, d2 = _ratio(pr, "sw_lm4_nokeep", "rtn"), _ratio(pr, "sw_lm4_sym_nokeep", "rtn")
     d3 = _ratio(pr, "sw_lm4", "sw_lm4_nokeep")
     if d1 is not None or d2 is not None:
@@ -470,7 +610,8 @@ def _verdicts(rows: list[dict], ort: dict | None, og: dict | None) -> list[str]:
                    f"without side paths and zero points {ppl_line('sw_lm4_sym_nokeep', 'rtn')}.")
     if og:
         opr = og.get("per_round_decode_s", {})
-        out.append(f"Decode (og.Generator), (b) `--lm-head-bits 4` / (a) RTN: {_f(_ratio(opr, 'sw_lm4', 'rtn'), '{:.3f}x')}; "
+        out.append("Decode (og.Generator), (b) `--lm-head-bits 4` / (a) RTN: "
+                   f"{_f(_ratio(opr, 'sw_lm4', 'rtn'), '{:.3f}x')}; "
                    f"(b) default / (a) RTN: {_f(_ratio(opr, 'sw_default', 'rtn'), '{:.3f}x')}.")
     return out
 
@@ -487,7 +628,7 @@ def _versions() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 512 (default 16)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--prefill", type=int, default=128)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS], help="only these rows")
@@ -497,12 +638,23 @@ def main() -> None:
                         help="take perplexities from --json where the row's folder size is unchanged")
     parser.add_argument("--rebuild", action="store_true",
                         help="redo the sw-onnx quantizations and retry builder variants that failed")
+    parser.add_argument("--from-json", action="store_true",
+                        help="only rewrite --markdown from --json (graph facts recomputed where missing)")
     parser.add_argument("--markdown")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
     started = time.time()
 
     from sample_models.export_smollm2_genai import export_smollm2_genai
+
+    if args.from_json:
+        data = json.loads(Path(args.json_path).read_text())
+        for rec in data["rows"]:
+            if not rec.get("error") and "fused" not in rec["facts"]:
+                rec["facts"] = _quant_facts(Path(rec["folder"]))
+        data["verdicts"] = _verdicts(data["rows"], data["ort_latency"], data["og_latency"])
+        write_outputs(_markdown(data), data, args.markdown, args.json_path)
+        return
 
     previous = {}
     if args.reuse_ppl and args.json_path and Path(args.json_path).is_file():
@@ -512,11 +664,6 @@ def main() -> None:
 
     fp32 = export_smollm2_genai(precision="fp32", quiet=True)
     rows, folders = [], {}
-    notes = ["sw-onnx does not quantize embeddings (Gather weights) yet: in (b) the embedding stays fp32 "
-             "(49152 x 576 = 113 MB of the folder) while the builder's int4 folders reuse the int4 lm_head "
-             "weight for the embedding (GatherBlockQuantized), so (b)'s size cannot match (a)'s until it does.",
-             "(b) keeps sw-onnx's other defaults (asymmetric with a zero point per block, MSE range search, super "
-             "weights and super-activation channels kept out); the builder's default RTN is symmetric."]
     for row in ROWS:
         if args.rows and row.name not in args.rows:
             continue
@@ -539,6 +686,8 @@ def main() -> None:
                 rec["command"] = f"sw-onnx quantize {fp32.name} -o {folder.name} {' '.join(row.sw_args)}".rstrip()
                 rec["build_seconds"] = build.get("seconds")
                 rec["quantize_peak_rss_mb"] = build.get("peak_rss_mb")
+                rec["sw_onnx_commit"] = build.get("sw_onnx_commit")
+                rec["sw_config"] = build.get("config")
             rec["folder"] = str(folder)
             rec["bytes"] = _size(folder)
             rec["facts"] = _quant_facts(folder)
@@ -579,14 +728,10 @@ def main() -> None:
                 rec["greedy_tokens_og"] = og_lat["tokens"].get(n)
             if og_lat and n in og_lat["errors"]:
                 rec["og_error"] = og_lat["errors"][n]
-                notes.append(f"og.Generator failed on {n}: {og_lat['errors'][n]}")
-    for rec in rows:
-        if rec.get("error"):
-            notes.append(f"{rec['name']} failed: {rec['error']}")
     data = {"date": time.strftime("%Y-%m-%d"), "settings": {k: getattr(args, k) for k in
                                                             ("windows", "rounds", "prefill", "decode")},
             "versions": _versions(), "rows": rows, "ort_latency": ort_lat, "og_latency": og_lat,
-            "verdicts": _verdicts(rows, ort_lat, og_lat), "notes": notes,
+            "verdicts": _verdicts(rows, ort_lat, og_lat),
             "seconds": round(time.time() - started),
             "command": " ".join(["python", "bench/genai_builder.py", *sys.argv[1:]])}
     write_outputs(_markdown(data), data, args.markdown, args.json_path)
