@@ -315,3 +315,14 @@ def test_measured_damage_scales_each_layers_kl_by_its_options_error():
         plan_module.ALLOCATION_DAMAGE = saved
     assert [o.damage for o in options["a"]] == pytest.approx([0.5, 0.5 * 0.01 / 2.0])
     assert [o.damage for o in options["b"]] == pytest.approx([5.0 * 0.2, 5.0 * 0.001])  # 0.5 / 0.1 per unit
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"bits_per_weight": 0.5}, "bits-per-weight"), ({"bits_per_weight": 6.0, "bits": 8}, "need --bits 4"),
+    ({"allocation": "greedy"}, "allocation"), ({"embedding_bits": 2}, "embedding-bits"),
+    ({"error_weight": "w3"}, "error-weight"), ({"lm_head_block_size": 48}, "lm-head-block-size"),
+    ({"gptq": True, "clip": "zscore"}, "gptq"),
+])
+def test_new_options_are_validated(options, match):
+    with pytest.raises(UsageError, match=match):
+        QuantizeConfig(**options).validate()
