@@ -101,7 +101,7 @@ def _run_child(tool: str, src: Path, dst: Path, params: dict) -> dict:
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
         raise RuntimeError((out.stderr.strip().splitlines() or ["failed"])[-1][:300])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{")))
 
 
 def file_bits_per_weight(path: Path) -> tuple[float, int]:
@@ -164,7 +164,8 @@ def measure(args) -> None:
 
     cache = Path(os.environ.get("SW_ONNX_CACHE", Path.home() / ".cache" / "sw-onnx"))
     data = json.loads(Path(args.json_path).read_text()) if args.resume and Path(args.json_path).is_file() else {"rows": []}
-    done = {(r["model"], r["block"], r["row"]) for r in data["rows"] if "error" not in r or not args.retry_failed}
+    done = {(r["model"], r["block"], r["row"]) for r in data["rows"]
+            if "error" not in r or not args.retry_failed or "alone costs" in r["error"]}
     data["rows"] = [r for r in data["rows"] if (r["model"], r["block"], r["row"]) in done]
     work = Path(tempfile.mkdtemp(prefix="sw-onnx-quality-"))
     for name in args.models:
@@ -255,6 +256,8 @@ def markdown(data: dict) -> str:
                             and "ppl" in x), default=float("nan"))
                 if r is None:
                     cells.append(" | | ")
+                elif "error" in r and "alone costs" in r["error"]:
+                    cells.append("n/a | | ")  # below what int4 at this block costs everywhere
                 elif "error" in r:
                     cells.append(f"failed: {r['error'][:80]} | | ")
                 else:
@@ -262,6 +265,7 @@ def markdown(data: dict) -> str:
                     cells.append(f"{r['ppl']:.2f} | {r.get('bits_per_weight', float('nan')):.3f} | {gap:+.0%}")
             lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _checks(rows)
     sized = [r for r in rows if r["row"] in SIZE_ROWS]
     if sized:
         lines += ["## Whole outputs as shipped (lm_head and embeddings included)", "",
@@ -274,13 +278,42 @@ def markdown(data: dict) -> str:
                              f"{r.get('bits_per_weight', float('nan')):.3f} | {r.get('bits_per_weight_with_embeddings') or float('nan'):.3f} |")
         lines.append("")
     lines += ["Notes:", "",
-              "- `--bits-per-weight` below what int4 at the block costs everywhere is refused (a usage error): "
-              "such cells are empty.",
+              "- n/a: a `--bits-per-weight` below what int4 at that block costs everywhere (5.14 at b32 with fp32 "
+              "scales and the side paths) is refused as a usage error.",
               "- The k_quant_mixed-style rule (`--allocation kquant`): llama.cpp's use_more_bits as onnxruntime-genai's "
               "k_quant_mixed applies it (q/k/v and down_proj of layers i < n/8, i >= 7n/8, (i - n/8) % 3 == 2 at "
               "8 bits; the lm_head too, float here), taken in that order while the budget lasts.",
               "- onnxruntime HQQ and k_quant write MatMulNBits directly (QOperator); HQQ's zero points are floats.", ""]
     return "\n".join(lines)
+
+
+def _checks(rows: list[dict]) -> list[str]:
+    """Issue 13's criteria, read off the rows: the default against the best onnxruntime RTN (gap to fp32
+    closed), and the budgets against the k_quant_mixed-style rule at the same bits."""
+    def get(model, block, row):
+        r = next((x for x in rows if (x["model"], x["block"], x["row"]) == (model, block, row)), None)
+        return r if r is not None and "ppl" in r else None
+
+    out = ["## Checks", "", "| model | block | best onnxruntime RTN (bpw) | sw-onnx default (bpw) | gap closed | "
+           "`--bits-per-weight 4.85` vs the rule within 4.85 | budget = the whole rule's vs the rule |",
+           "|---|---|---|---|---|---|---|"]
+    for name in MODELS:
+        fp32 = get(name, 0, "fp32")
+        for block in sorted({r["block"] for r in rows if r["model"] == name and r["block"]}):
+            ort = [x for x in (get(name, block, "ort-rtn-sym"), get(name, block, "ort-rtn-asym")) if x]
+            default = get(name, block, "sw-default")
+            if not ort or default is None or fp32 is None:
+                continue
+            best = min(ort, key=lambda x: x["ppl"])
+            gap = (best["ppl"] - default["ppl"]) / (best["ppl"] - fp32["ppl"])
+            pairs = []
+            for ours, theirs in (("sw-bpw-4.85", "kquant-bpw-4.85"), ("sw-bpw-rule", "kquant-rule")):
+                a, b = get(name, block, ours), get(name, block, theirs)
+                pairs.append(f"{a['ppl']:.2f} vs {b['ppl']:.2f} ({a['bits_per_weight']:.3f} / {b['bits_per_weight']:.3f} bpw)"
+                             if a and b else "")
+            out.append(f"| {name} | {block} | {best['ppl']:.2f} ({best['bits_per_weight']:.3f}) | {default['ppl']:.2f} "
+                       f"({default['bits_per_weight']:.3f}) | {gap:+.0%} | {pairs[0]} | {pairs[1]} |")
+    return out + [""]
 
 
 def main() -> None:

@@ -172,7 +172,7 @@ class EmbeddingPlan:
             return {"codes": 0, "scales": 0, "zero_points": 0, "side": 0}
         nb = -(-self.hidden // self.block_size)
         zp = 0 if self.symmetric else self.vocab * (-(-nb // 2) * 8 if self.bits == 4 else nb * 8)
-        return {"codes": self.vocab * nb * self.block_size * self.bits,
+        return {"codes": self.vocab * -(-self.hidden * self.bits // 8) * 8,
                 "scales": self.vocab * nb * _FLOAT_BITS.get(self.compute_dtype, 32), "zero_points": zp, "side": 0}
 
     def to_dict(self) -> dict:
@@ -361,8 +361,8 @@ def _share_tables(embeddings: list[EmbeddingPlan], plans: Mapping[str, LayerPlan
     lm_head then written as MatMulNBits; otherwise it gets its own."""
     for e in embeddings:
         head = plans.get(e.shared_with) if e.shared_with else None
-        if head is None or not (config.allocates or head.bits == e.bits):
-            e.shared_with = None
+        if head is None or not (config.allocates or head.bits == e.bits) or e.hidden % head.block_size:
+            e.shared_with = None  # (MatMulNBits pads a ragged last block; GatherBlockQuantized's rows are not)
         else:
             e.bits, e.block_size = head.bits, head.block_size
             head.form, head.lift_3d, head.accuracy_level = "nbits", False, 4

@@ -229,6 +229,10 @@ def test_gather_block_quantized_equals_the_numpy_dequantized_gather(sample, tmp_
     np.testing.assert_array_equal(got, reference[ids])
     t = summary.totals()
     assert t["embedding_weights"] == table.size and t["embedding_bits"] == sum(e.bit_count().values())
+    written = sum(int(np.prod(x.dims)) * (16 if x.data_type == onnx.TensorProto.FLOAT16 else
+                                          32 if x.data_type == onnx.TensorProto.FLOAT else 8)
+                  for x in onnx.load(str(out)).graph.initializer if x.name.startswith(f"{e.initializer}/sw_onnx_gbq/"))
+    assert written == t["embedding_bits"]  # the count is what is written
 
 
 def test_tied_table_is_shared_with_the_lm_head(tied, tmp_path):
@@ -315,3 +319,30 @@ def test_measured_damage_scales_each_layers_kl_by_its_options_error():
         plan_module.ALLOCATION_DAMAGE = saved
     assert [o.damage for o in options["a"]] == pytest.approx([0.5, 0.5 * 0.01 / 2.0])
     assert [o.damage for o in options["b"]] == pytest.approx([5.0 * 0.2, 5.0 * 0.001])  # 0.5 / 0.1 per unit
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"bits_per_weight": 0.5}, "bits-per-weight"), ({"bits_per_weight": 6.0, "bits": 8}, "need --bits 4"),
+    ({"allocation": "greedy"}, "allocation"), ({"embedding_bits": 2}, "embedding-bits"),
+    ({"error_weight": "w3"}, "error-weight"), ({"lm_head_block_size": 48}, "lm-head-block-size"),
+    ({"gptq": True, "clip": "zscore"}, "gptq"),
+])
+def test_new_options_are_validated(options, match):
+    with pytest.raises(UsageError, match=match):
+        QuantizeConfig(**options).validate()
+
+
+def test_a_block_that_does_not_divide_hidden_gets_its_own_ragged_table(tied, tmp_path):
+    """GatherBlockQuantized takes a shorter last block; MatMulNBits pads it, so such a tied table is not
+    shared but written on its own, and still equals the numpy dequantized Gather."""
+    hidden = next(t for t in onnx.load(str(tied)).graph.initializer if len(t.dims) == 2 and t.dims[0] > t.dims[1]).dims[1]
+    block = 128 if hidden % 128 else 256  # > hidden or not dividing it: one ragged block per row
+    summary, out = _quantize(tied, tmp_path, embedding_bits=8, lm_head_block_size=block)
+    (e,) = summary.embeddings
+    assert e.shared_with is None and e.block_size == block
+    assert summary.verification["passed"]
+    table = numpy_helper.to_array(next(t for t in onnx.load(str(tied)).graph.initializer if t.name == e.initializer))
+    ids = np.array([1, 4], np.int64)
+    got, _ = _gathered(out, ids)
+    reference = dequantize_blockwise(quantize_blockwise(table.T.copy(), bits=8, block_size=block)).T
+    np.testing.assert_array_equal(got, reference[ids])

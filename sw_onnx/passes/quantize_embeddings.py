@@ -1,11 +1,12 @@
 """`QuantizeEmbeddingsPass`: embedding tables as ``com.microsoft::GatherBlockQuantized``.
 
 ``Gather(table [V, H], ids)`` becomes ``GatherBlockQuantized(data, ids, scales[, zero_points], gather_axis=0,
-quantize_axis=1, block_size=B, bits=b)`` with ``data`` uint8 ``[V, H * b / 8]``: the codes of each row in
-blocks of B along H, laid out as MatMulNBits lays out a weight ``[K=H, N=V]`` (`sw_onnx.kernels.to_matmulnbits`:
-4-bit codes two per byte, low nibble first; zero points packed the same way), which onnxruntime's kernel reads
-with the same conventions. A table tied to the lm_head (plan ``shared_with``) reads the lm_head's MatMulNBits
-tensors through ``Reshape(B [V, H/B, B*b/8] -> [V, -1])``: one copy of the codes in the file for both.
+quantize_axis=1, block_size=B, bits=b)`` with ``data`` uint8 ``[V, ceil(H * b / 8)]``: each row's unsigned
+codes in blocks of B along H (the last block may be shorter), 4-bit codes two per byte low nibble first, scales
+``[V, ceil(H / B)]``, zero points packed the same way (symmetric: none, codes offset by 2**(b-1), the kernel's
+default zero point). A table tied to the lm_head (plan ``shared_with``; only when B divides H, so that
+MatMulNBits' padded layout is the same bytes) reads the lm_head's MatMulNBits tensors through
+``Reshape(B [V, H/B, B*b/8] -> [V, -1])``: one copy of the codes in the file for both.
 
 Runs after `QuantizeWeightsPass` (a shared table needs the lm_head's tensors written). The float table is
 quantized lazily at save time, like the weights.
@@ -18,7 +19,7 @@ import threading
 import numpy as np
 import onnx_ir as ir
 
-from sw_onnx.kernels import quantize_blockwise, to_matmulnbits
+from sw_onnx.kernels import quantize_blockwise
 from sw_onnx.passes._rewrite import GraphBuilder
 from sw_onnx.plan import EmbeddingPlan, QuantPlan
 
@@ -86,9 +87,13 @@ def _own_tensors(b: GraphBuilder, table: ir.Value, e: EmbeddingPlan, prefix: str
     def _part(name: str) -> np.ndarray:
         if not cache:
             w = np.asarray(source.numpy(), dtype=np.float32).T  # [H, V]: a weight whose K is the hidden axis
-            codes, scales, zp = to_matmulnbits(quantize_blockwise(w, bits=e.bits, block_size=e.block_size,
-                                                                   symmetric=e.symmetric))
-            cache.update(data=codes.reshape(e.vocab, -1), scales=scales, zp=zp)
+            qw = quantize_blockwise(w, bits=e.bits, block_size=e.block_size, symmetric=e.symmetric)
+            offset = (1 << (e.bits - 1)) if e.symmetric else 0  # unsigned codes; symmetric: around 2**(b-1)
+            codes = (qw.q.T.astype(np.int16) + offset).astype(np.uint8)  # [V, H], rows unpadded
+            zp = None if qw.zero_point is None else np.ascontiguousarray(qw.zero_point.T)
+            if e.bits == 4:
+                codes, zp = _pack_rows(codes), None if zp is None else _pack_rows(zp, pad=8)
+            cache.update(data=codes, scales=np.ascontiguousarray(qw.scale.T), zp=zp)
         array = cache[name]
         taken = cache.setdefault("_taken", set())
         taken.add(name)
@@ -98,10 +103,17 @@ def _own_tensors(b: GraphBuilder, table: ir.Value, e: EmbeddingPlan, prefix: str
 
     dtype = ir.DataType(e.compute_dtype)
     nb = -(-e.hidden // e.block_size)
-    out = [b.lazy(f"{prefix}/data", ir.DataType.UINT8, (e.vocab, nb * e.block_size * e.bits // 8),
+    out = [b.lazy(f"{prefix}/data", ir.DataType.UINT8, (e.vocab, -(-e.hidden * e.bits // 8)),
                   lambda: ir.Tensor(part("data"))),
            b.lazy(f"{prefix}/scales", dtype, (e.vocab, nb), lambda: ir.Tensor(part("scales").astype(_NUMPY[dtype])))]
     if not e.symmetric:
         cols = -(-nb // 2) if e.bits == 4 else nb
         out.append(b.lazy(f"{prefix}/zero_points", ir.DataType.UINT8, (e.vocab, cols), lambda: ir.Tensor(part("zp"))))
     return out
+
+
+def _pack_rows(codes: np.ndarray, pad: int = 0) -> np.ndarray:
+    """4-bit codes [R, C] two per byte along each row, low nibble first (an odd row ends with `pad`)."""
+    if codes.shape[1] % 2:
+        codes = np.concatenate([codes, np.full((codes.shape[0], 1), pad, np.uint8)], axis=1)
+    return (codes[:, 0::2] | (codes[:, 1::2] << np.uint8(4))).astype(np.uint8)
