@@ -45,11 +45,11 @@ DEFAULT_WINDOWS = {"smollm2": 16, "smollm2-offgrid": 16, "gemma3": 8, "gemma3-of
 BUDGETS = (4.5, 4.85)
 ROWS = ("ort-rtn-sym", "ort-rtn-asym", "ort-hqq", "ort-kquant", "sw-rtn", "sw-default", "sw-bpw-4.5", "sw-bpw-4.85",
         "kquant-bpw-4.5", "kquant-bpw-4.85", "kquant-rule", "sw-bpw-rule")
-SIZE_ROWS = ("size-default", "size-emb8", "size-emb8-b128", "size-emb4", "size-emb4-head4", "size-head-float")
+SIZE_ROWS = ("size-default", "size-emb-float", "size-emb8-b128", "size-emb4", "size-emb4-head4", "size-head-float")
 """Whole outputs as shipped (the lm_head and embedding included), at the default block: size and perplexity."""
-SIZE_PARAMS = {"size-default": {}, "size-emb8": {"embedding_bits": 8}, "size-emb4": {"embedding_bits": 4},
+SIZE_PARAMS = {"size-default": {}, "size-emb-float": {"embedding_bits": 0}, "size-emb4": {"embedding_bits": 4},
                "size-emb8-b128": {"embedding_bits": 8, "lm_head_block_size": 128},
-               "size-emb4-head4": {"embedding_bits": 4, "lm_head_bits": 4}, "size-head-float": {"lm_head_bits": 0}}
+               "size-emb4-head4": {"embedding_bits": 4, "lm_head_bits": 4}, "size-head-float": {"lm_head_bits": 0, "embedding_bits": 0}}
 LABELS = {
     "ort-rtn-sym": "onnxruntime RTN symmetric", "ort-rtn-asym": "onnxruntime RTN asymmetric",
     "ort-hqq": "onnxruntime HQQ", "ort-kquant": "onnxruntime k_quant", "sw-rtn": "sw-onnx RTN (`--clip none`)",
@@ -57,9 +57,10 @@ LABELS = {
     "sw-bpw-4.85": "sw-onnx `--bits-per-weight 4.85`", "kquant-bpw-4.5": "k_quant_mixed-style rule within 4.5",
     "kquant-bpw-4.85": "k_quant_mixed-style rule within 4.85", "kquant-rule": "k_quant_mixed-style rule, whole",
     "sw-bpw-rule": "sw-onnx `--bits-per-weight` = the whole rule's",
-    "size-default": "default (`QuantizeConfig()`)", "size-emb8": "`--embedding-bits 8`",
+    "size-default": "default (`QuantizeConfig()`: lm_head and embedding 8-bit, one shared table when tied)",
+    "size-emb-float": "`--embedding-bits 0` (embedding float)",
     "size-emb8-b128": "`--embedding-bits 8 --lm-head-block-size 128`", "size-emb4": "`--embedding-bits 4`",
-    "size-emb4-head4": "`--embedding-bits 4 --lm-head-bits 4`", "size-head-float": "`--lm-head-bits 0`",
+    "size-emb4-head4": "`--embedding-bits 4 --lm-head-bits 4`", "size-head-float": "`--lm-head-bits 0 --embedding-bits 0`",
 }
 
 CHILD = r"""
@@ -139,7 +140,7 @@ def _tensor_bits(t) -> int:
 def _params(row: str, block: int, report: str, rule_bpw: float | None) -> tuple[str, dict] | None:
     if row in SIZE_PARAMS:
         return "sw", {"keep": report, **SIZE_PARAMS[row]}
-    sw = {"block_size": block, "keep": report, "lm_head_bits": 0}
+    sw = {"block_size": block, "keep": report, "lm_head_bits": 0, "embedding_bits": 0}  # the linear layers only
     if row.startswith("ort-"):
         algo = {"ort-hqq": "hqq", "ort-kquant": "k_quant"}.get(row, "rtn")
         return "ort", {"algo": algo, "block_size": block, "symmetric": row == "ort-rtn-sym", "exclude": ["/lm_head/MatMul"]}

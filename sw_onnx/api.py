@@ -241,6 +241,7 @@ def _write_quantized(run: _Run, tmp: Path) -> tuple[QuantPlan, QuantizeSummary]:
     from sw_onnx.plan import build_quant_plan
 
     model = _load(run)
+    external_input = stores_weights_externally(model)  # an input with a data file keeps one, whatever is rewritten
     t0 = time.perf_counter()
     run.input_dims = _input_dims(run.src, model)
     pristine = model.clone()
@@ -255,7 +256,7 @@ def _write_quantized(run: _Run, tmp: Path) -> tuple[QuantPlan, QuantizeSummary]:
     summary = _summary(run, model, plan)
     summary.seconds["detect"] = t1 - t0
     estimated = sum(p.quantized_bytes for p in plan.quantized) + _unquantized_bytes(model)
-    summary.external_data = stores_weights_externally(model) or estimated > _EXTERNAL_DATA_THRESHOLD
+    summary.external_data = external_input or estimated > _EXTERNAL_DATA_THRESHOLD
     run.say(f"quantizing {len(plan.quantized)} of {len(plan.layers)} linear layers and writing")
     save_model(model, tmp, external_data=summary.external_data)
     summary.seconds["rewrite_and_save"] = time.perf_counter() - t1

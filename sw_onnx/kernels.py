@@ -614,22 +614,38 @@ def _refit_scales(blocks: np.ndarray, s: np.ndarray, zp: np.ndarray | None, qmin
                   importance: np.ndarray | None, iterations: int) -> np.ndarray:
     """``refit``: per block, the least-squares scale for its codes, kept where the weighted error
     (codes re-rounded with it) falls. Zero-filled elements (tail, kept-out) map to the zero point and add
-    nothing. Returns the new scales [nblocks, 1, N]."""
+    nothing. Works on cache-sized column chunks. Returns the new scales [nblocks, 1, N]."""
+    nb, bs, n = blocks.shape
+    out = np.empty_like(s)
+    cols = max(1, _SEARCH_CHUNK // (nb * bs))
+    for c0 in range(0, n, cols):
+        sl = (slice(None), slice(None), slice(c0, c0 + cols))
+        imp = None if importance is None else importance
+        out[sl] = _refit_chunk(blocks[sl], s[sl], None if zp is None else zp[sl], qmin, qmax, weighted, imp, iterations)
+    return out
+
+
+def _refit_chunk(blocks, s, zp, qmin, qmax, weighted, importance, iterations) -> np.ndarray:
     c = _error_weight(blocks, weighted, 1)
-    c = np.ones_like(blocks) if c is None else c
     if importance is not None:
-        c = c * importance
+        c = importance * (np.float32(1) if c is None else c)
+    c = np.ones_like(blocks) if c is None else np.broadcast_to(c, blocks.shape)
     z = np.float32(0) if zp is None else zp
 
     def error(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q = _round_codes(blocks, scale, zp, qmin, qmax) - z
-        r = blocks - q * scale
-        return (c * r * r).sum(axis=1, keepdims=True), q
+        q = _round_codes(blocks, scale, zp, qmin, qmax)
+        q -= z
+        r = q * scale
+        np.subtract(blocks, r, out=r)
+        r *= r
+        r *= c
+        return r.sum(axis=1, keepdims=True), q
 
     best, q = error(s)
     for _ in range(iterations):
-        den = (c * q * q).sum(axis=1, keepdims=True)
-        num = (c * blocks * q).sum(axis=1, keepdims=True)
+        cq = c * q
+        den = (cq * q).sum(axis=1, keepdims=True)
+        num = (cq * blocks).sum(axis=1, keepdims=True)
         fit = np.where(den > 0, num / np.where(den > 0, den, 1), s).astype(np.float32)
         err, q_fit = error(fit)
         better = err < best
@@ -702,7 +718,7 @@ def _search_mse(
     def run(chunk: tuple[int, int]) -> None:
         r, c = chunk
         sl = (slice(r, r + rows), slice(None), slice(c, c + cols))
-        imp = None if importance is None else np.broadcast_to(importance[sl[0]], blocks[sl].shape)
+        imp = None if importance is None else importance[sl[0]]  # [rows, B, 1]
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # per thread
             fam, idx = _search_chunk(blocks[sl], lo[sl], hi[sl], bits, families, weighting, factors, imp)
         best_family[sl] = fam
@@ -729,6 +745,41 @@ def _search_mse(
     scale = np.where(is_sym, np.abs(sym_scale), scale)
     zp = np.where(is_sym & (sym_scale != 0), sym_zp, zp)
     return scale, zp
+
+
+def _family_scale(family: str, lo: np.ndarray, hi: np.ndarray, bits: int):
+    """A range family's unshrunk scale per block, its code shift (asymmetric) and its code range."""
+    half = 1 << (bits - 1)
+    if family == "sym":
+        signed_absmax = np.where(np.abs(hi) > np.abs(lo), hi, lo)
+        return (signed_absmax / np.float32(-half)).astype(np.float32), None, np.float32(-half), np.float32(half - 1)
+    qmax = np.float32((1 << bits) - 1)
+    rmin = np.minimum(lo, np.float32(0))
+    s1 = ((np.maximum(hi, np.float32(0)) - rmin) / qmax).astype(np.float32)
+    safe = np.where(s1 != 0, s1, np.float32(1))
+    shift = np.where(s1 != 0, np.clip(np.rint(-rmin / safe), 0, qmax), np.float32(0)).astype(np.float32)
+    return s1, shift, np.float32(0), qmax
+
+
+def _inverse(s1: np.ndarray) -> np.ndarray:
+    inv = np.zeros(s1.size, dtype=np.float32)
+    np.divide(np.float32(1), s1, out=inv, where=s1 != 0)
+    return inv
+
+
+def _candidate_error(v, weight, shift, inv_factor, cmin, cmax, t, c) -> np.ndarray:
+    """Per block (column), sum(weight * (v / f - clip(rint(v / f)))^2) in units of the family's scale: the
+    search's error of one candidate, written into the work arrays `t` and `c`."""
+    np.multiply(v, inv_factor, out=t)
+    if shift is not None:
+        t += shift  # codes in [0, 2**b - 1]; the residual t - c is unchanged by the shift
+    np.rint(t, out=c)
+    _clip(c, cmin, cmax, out=c)
+    t -= c
+    t *= t
+    if weight is not None:
+        t *= weight
+    return np.add.reduce(t, axis=0)
 
 
 def _search_chunk(
@@ -760,33 +811,21 @@ def _search_chunk(
     cols_idx = np.arange(rows * cols)
     end_at = np.stack([x.argmin(axis=0), x.argmax(axis=0)])  # their rows: the bound uses their own weights
     end_weight = np.ones_like(ends) if weight is None else np.stack([weight[end_at[0], cols_idx], weight[end_at[1], cols_idx]])
-    if importance is not None:
-        imp = np.ascontiguousarray(importance.transpose(1, 0, 2), dtype=np.float32).reshape(bs, rows * cols)
+    if importance is not None:  # [rows, B, 1] -> [B, rows * cols], the layout of x
+        imp = np.repeat(np.ascontiguousarray(importance[:, :, 0].T, dtype=np.float32), cols, axis=1)
         weight = imp if weight is None else weight * imp
         end_weight = end_weight * np.stack([imp[end_at[0], cols_idx], imp[end_at[1], cols_idx]])
     t = np.empty_like(x)
     c = np.empty_like(x)
-    best_err = np.full(nblk, np.inf, dtype=np.float32)
     best_family = np.zeros(nblk, dtype=np.int8)
     best_factor = np.zeros(nblk, dtype=np.int16)
     half = 1 << (bits - 1)
     inv_factors = np.float32(1) / factors
     distinct = (lo != hi).astype(np.float32)
+    best_err = np.full(nblk, np.inf, dtype=np.float32)
     for fi, family in enumerate(families):
-        if family == "sym":
-            signed_absmax = np.where(np.abs(hi) > np.abs(lo), hi, lo)
-            s1 = (signed_absmax / np.float32(-half)).astype(np.float32)
-            shift = None
-            cmin, cmax = np.float32(-half), np.float32(half - 1)
-        else:
-            qmax = np.float32((1 << bits) - 1)
-            rmin = np.minimum(lo, np.float32(0))
-            s1 = ((np.maximum(hi, np.float32(0)) - rmin) / qmax).astype(np.float32)
-            safe = np.where(s1 != 0, s1, np.float32(1))
-            shift = np.where(s1 != 0, np.clip(np.rint(-rmin / safe), 0, qmax), np.float32(0)).astype(np.float32)
-            cmin, cmax = np.float32(0), qmax
-        inv = np.zeros(nblk, dtype=np.float32)
-        np.divide(np.float32(1), s1, out=inv, where=s1 != 0)
+        s1, shift, cmin, cmax = _family_scale(family, lo, hi, bits)
+        inv = _inverse(s1)
         v = x * inv
         # Lower bounds [nfactors, nblk]: exact errors of the two end elements, same arithmetic as below.
         te = (ends * inv)[None] * inv_factors[:, None, None]
@@ -808,16 +847,7 @@ def _search_chunk(
                 sh = None if shift is None else shift[idx]
             else:
                 idx, vv, ww, tt, cc, sh = None, v, weight, t, c, shift
-            np.multiply(vv, inv_factors[j], out=tt)
-            if sh is not None:
-                tt += sh  # codes in [0, 2**b - 1]; the residual t - c is unchanged by the shift
-            np.rint(tt, out=cc)
-            _clip(cc, cmin, cmax, out=cc)
-            tt -= cc
-            tt *= tt
-            if ww is not None:
-                tt *= ww
-            err = np.add.reduce(tt, axis=0)
+            err = _candidate_error(vv, ww, sh, inv_factors[j], cmin, cmax, tt, cc)
             if idx is None:
                 err *= scale2[j]
                 better = err < best_err

@@ -249,7 +249,7 @@ def test_tied_table_is_shared_with_the_lm_head(tied, tmp_path):
     ids = np.array([2, 0, 6], np.int64)
     got, data = _gathered(out, ids)
     reference = dequantize_blockwise(quantize_blockwise(table.T.copy(), bits=8, block_size=head.block_size,
-                                                        clip="mse", refit=head.refit)).T
+                                                        clip="mse", refit=head.refit, mse_grid=head.mse_grid)).T
     np.testing.assert_allclose(got, reference[ids], rtol=2e-6, atol=1e-7)  # (q - z) * s: float32 order only
     t = summary.totals()
     assert t["embedding_weights"] == 0 and t["embedding_bits"] == 0  # counted once, as the lm_head

@@ -20,7 +20,7 @@ from sw_onnx.kernels import quantize_blockwise, unpack_int4_low_first
 from sw_onnx.discover import find_lm_head
 from sw_onnx.passes.opset import UpgradeOpsetPass
 from sw_onnx.passes.quantize_weights import QuantizeWeightsPass
-from sw_onnx.plan import MSE_REFIT_ITERATIONS, build_quant_plan
+from sw_onnx.plan import build_quant_plan
 from sw_onnx.quantize import QuantizeConfig, default_output_path, quantize_model
 from sw_onnx.discover import find_linear_layers
 
@@ -160,7 +160,8 @@ def test_per_channel_is_dequantizelinear_axis_1_and_fuses(samples, tmp_path, bit
     # The stored codes, scales and zero points are the kernel's per-channel output.
     d = next(d for d in summary.quantized if d.node == "/model/layers.1/mlp/down_proj/MatMul")
     w = numpy_helper.to_array({t.name: t for t in onnx.load(str(sample.path)).graph.initializer}[d.initializer])
-    ref = quantize_blockwise(w, bits=bits, block_size=None, symmetric=symmetric, clip="mse", refit=MSE_REFIT_ITERATIONS)
+    ref = quantize_blockwise(w, bits=bits, block_size=None, symmetric=symmetric, clip="mse", refit=d.refit,
+                             mse_grid=d.mse_grid)
     prefix = f"{d.node}/sw_onnx_q/"
     np.testing.assert_array_equal(_codes(model, prefix + "weight", (d.k, d.n)), ref.q)
     np.testing.assert_array_equal(_init(model, prefix + "scale"), ref.scale[0])  # [N]
@@ -250,7 +251,7 @@ def test_kept_out_weight_is_exact_on_the_side_path_and_zero_in_int4(samples, tmp
     # The stored tensors are the kernels' output for the effective weight with the keep-out.
     w = numpy_helper.to_array({t.name: t for t in onnx.load(str(sample.path)).graph.initializer}[down.initializer])
     ref = quantize_blockwise(w, bits=4, block_size=32, clip="mse", keep_out=[(s.col, s.row) for s in sample.super_weights],
-                             refit=MSE_REFIT_ITERATIONS)
+                             refit=down.refit, mse_grid=down.mse_grid)
     np.testing.assert_array_equal(q, ref.q)
     np.testing.assert_array_equal(_init(model, prefix + "scale"), ref.scale)
 

@@ -110,7 +110,7 @@ class _LayerQuantizer:
         search = {}
         if p.clip == "mse":
             search = {"weighting": {"x2": "none", "x2rms": "rms"}.get(p.error_weight, "w2"), "importance": p.importance,
-                      "refit": p.refit}
+                      "refit": p.refit, "mse_grid": p.mse_grid}
         block = kernel_block_size(p.block_size, w.shape[0], p.form)
         keep_out = [(k, n) for k, n, _ in p.side_keep] or None
         if p.hessian is not None:
