@@ -405,41 +405,59 @@ class EmbeddingTable:
     """A float table read by ``Gather(table, indices, axis=0)`` nodes: an embedding.
 
     Attributes:
-        initializer: the table's initializer value (2-D float [vocab, hidden]).
+        initializer: the table's initializer value (2-D float [vocab, hidden], or [hidden, vocab] when
+            ``transpose`` is set).
         gathers: the Gather nodes reading it.
         other_uses: the other nodes reading it (a tied lm_head's Transpose, ...).
+        transpose: the ``Transpose(perm=[1, 0])`` the Gathers read it through (onnxruntime-genai's builder ties
+            the embedding to the lm_head's [hidden, vocab] weight this way), else None.
     """
 
     initializer: ir.Value
     gathers: list[ir.Node]
     other_uses: list[ir.Node]
+    transpose: ir.Node | None = None
 
     @property
     def vocab(self) -> int:
-        return int(self.initializer.shape[0])
+        return int(self.initializer.shape[1 if self.transpose is not None else 0])
 
     @property
     def hidden(self) -> int:
-        return int(self.initializer.shape[1])
+        return int(self.initializer.shape[0 if self.transpose is not None else 1])
 
 
 def find_embeddings(model: ir.Model) -> list[EmbeddingTable]:
     """The model's embedding tables, by structure: 2-D float initializers that a Gather on axis 0 reads with
-    non-constant indices."""
+    non-constant indices, directly or through a ``Transpose(perm=[1, 0])`` that only Gathers read."""
     tables = []
     for value in model.graph.initializers.values():
         if value.const_value is None or value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16) or \
                 value.shape is None or len(value.shape) != 2 or not all(isinstance(d, int) for d in value.shape):
             continue
-        gathers, others = [], []
-        for use in value.uses():
-            node = use.node
-            axis = node.attributes.get("axis")
-            if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and use.idx == 0 and \
-                    (axis is None or axis.as_int() == 0) and node.inputs[1].const_value is None:
-                gathers.append(node)
-            else:
-                others.append(node)
+        gathers, others = _split_gathers(value)
         if gathers:
             tables.append(EmbeddingTable(value, gathers, others))
+            continue
+        for node in others:
+            perm = node.attributes.get("perm")
+            if node.op_type == "Transpose" and perm is not None and list(perm.as_ints()) == [1, 0]:
+                through, rest = _split_gathers(node.outputs[0])
+                if through and not rest and not node.outputs[0].is_graph_output():
+                    tables.append(EmbeddingTable(value, through, [n for n in others if n is not node], node))
+                    break
     return tables
+
+
+def _split_gathers(value: ir.Value) -> tuple[list[ir.Node], list[ir.Node]]:
+    """(embedding Gathers reading `value`: axis 0, non-constant indices; every other reader)."""
+    gathers, others = [], []
+    for use in value.uses():
+        node = use.node
+        axis = node.attributes.get("axis")
+        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and use.idx == 0 and \
+                (axis is None or axis.as_int() == 0) and node.inputs[1].const_value is None:
+            gathers.append(node)
+        else:
+            others.append(node)
+    return gathers, others

@@ -154,6 +154,7 @@ class EmbeddingPlan:
             table), else None (its own tensors).
         compute_dtype: the table's float type (ONNX element type): the scales' and the output's.
         reason: how it is quantized.
+        transposed: the initializer is [hidden, vocab], read through a Transpose (`EmbeddingTable.transpose`).
     """
 
     initializer: str
@@ -166,6 +167,7 @@ class EmbeddingPlan:
     shared_with: str | None = None
     compute_dtype: int = int(ir.DataType.FLOAT)
     reason: str = ""
+    transposed: bool = False
 
     @property
     def weights(self) -> int:
@@ -348,7 +350,8 @@ def _plan_embeddings(model: ir.Model, plans: Sequence[LayerPlan], config: Quanti
         out.append(EmbeddingPlan(
             initializer=name, nodes=[g.name for g in table.gathers], vocab=table.vocab, hidden=table.hidden,
             bits=config.embedding_table_bits, block_size=config.lm_head_block_size, symmetric=config.symmetric,
-            shared_with=head.node if head is not None else None, compute_dtype=int(table.initializer.dtype)))
+            shared_with=head.node if head is not None else None, compute_dtype=int(table.initializer.dtype),
+            transposed=table.transpose is not None))
     return out
 
 

@@ -50,6 +50,28 @@ def tied(sample, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def builder_tied(sample, tmp_path_factory):
+    """The sample decoder with its embedding read as ``Gather(Transpose(W_lm_head), ids)``: onnxruntime-genai's
+    builder ties SmolLM2's table to the lm_head's [hidden, vocab] weight this way."""
+    model = onnx.load(str(sample.path))
+    inits = {t.name: t for t in model.graph.initializer}
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                  and len(inits[n.input[0]].dims) == 2)
+    head = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits][-1]
+    model.graph.initializer.remove(inits[gather.input[0]])
+    transpose = helper.make_node("Transpose", [head.input[1]], ["tied_table"], perm=[1, 0], name="embed/Transpose")
+    gather.input[0] = "tied_table"
+    nodes = list(model.graph.node)
+    model.graph.ClearField("node")
+    model.graph.node.extend([transpose] + nodes)
+    out = tmp_path_factory.mktemp("builder_tied") / "model.onnx"
+    onnx.save(model, str(out))
+    for extra in sample.path.parent.glob("*.json"):
+        (out.parent / extra.name).write_text(extra.read_text())
+    return out
+
+
 def _quantize(path, tmp_path, **options):
     out = tmp_path / "q.onnx"
     return quantize_model(path, out, QuantizeConfig(force=True, **options)), out
@@ -255,6 +277,30 @@ def test_tied_table_is_shared_with_the_lm_head(tied, tmp_path):
     assert t["embedding_weights"] == 0 and t["embedding_bits"] == 0  # counted once, as the lm_head
     separate, _ = _quantize(tied, tmp_path, embedding_bits=4, lm_head_bits=8)
     assert separate.embeddings[0].shared_with is None and separate.totals()["embedding_weights"] == table.size
+
+
+@pytest.mark.parametrize("embedding_bits", [8, 4])
+def test_table_read_through_a_transpose_of_the_lm_head_weight(builder_tied, tmp_path, embedding_bits):
+    """onnxruntime-genai's tie (Gather(Transpose(W [H, V]))): at the lm_head's bits the table shares its codes,
+    otherwise it gets its own; either way the float weight and the Transpose are gone and the gathered rows are
+    the numpy-quantized columns of W."""
+    summary, out = _quantize(builder_tied, tmp_path, embedding_bits=embedding_bits, lm_head_bits=8, error_weight="w2")
+    (e,) = summary.embeddings
+    head = next(p for p in summary.quantized if p.is_lm_head)
+    assert e.transposed and e.initializer == head.initializer and summary.verification["passed"]
+    assert (e.shared_with == head.node) == (embedding_bits == 8)
+    model = onnx.load(str(out))
+    assert not any(t.name == e.initializer for t in model.graph.initializer)
+    assert not any(n.op_type == "Transpose" and n.name == "embed/Transpose" for n in model.graph.node)
+    w = numpy_helper.to_array(next(t for t in onnx.load(str(builder_tied)).graph.initializer if t.name == e.initializer))
+    assert (e.vocab, e.hidden) == (w.shape[1], w.shape[0])
+    ids = np.array([2, 0, 6], np.int64)
+    got, _ = _gathered(out, ids)
+    if e.shared_with:
+        ref = quantize_blockwise(w, bits=8, block_size=head.block_size, clip="mse", refit=head.refit, mse_grid=head.mse_grid)
+    else:
+        ref = quantize_blockwise(w.copy(), bits=embedding_bits, block_size=e.block_size)
+    np.testing.assert_allclose(got, dequantize_blockwise(ref).T[ids], rtol=2e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------

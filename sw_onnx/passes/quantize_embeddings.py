@@ -8,6 +8,9 @@ default zero point). A table tied to the lm_head (plan ``shared_with``; only whe
 MatMulNBits' padded layout is the same bytes) reads the lm_head's MatMulNBits tensors through
 ``Reshape(B [V, H/B, B*b/8] -> [V, -1])``: one copy of the codes in the file for both.
 
+A table read through ``Transpose(W [H, V])`` (onnxruntime-genai's builder ties the embedding to the lm_head's
+weight so) is handled the same way; the Transpose goes with the Gathers.
+
 Runs after `QuantizeWeightsPass` (a shared table needs the lm_head's tensors written). The float table is
 quantized lazily at save time, like the weights.
 """
@@ -70,6 +73,9 @@ def _rewrite_table(graph: ir.Graph, e: EmbeddingPlan, heads) -> None:
         name = out.name
         out.name = None
         new.outputs[0].name = name
+    for use in list(table.uses()):  # a Transpose the Gathers read it through (onnxruntime-genai's tied table)
+        if use.node.op_type == "Transpose" and not use.node.outputs[0].uses() and not use.node.outputs[0].is_graph_output():
+            graph.remove(use.node, safe=True)
     if not table.uses() and not table.is_graph_output():
         graph.initializers.pop(e.initializer)
 
@@ -86,7 +92,8 @@ def _own_tensors(b: GraphBuilder, table: ir.Value, e: EmbeddingPlan, prefix: str
 
     def _part(name: str) -> np.ndarray:
         if not cache:
-            w = np.asarray(source.numpy(), dtype=np.float32).T  # [H, V]: a weight whose K is the hidden axis
+            w = np.asarray(source.numpy(), dtype=np.float32)
+            w = w if e.transposed else w.T  # [H, V]: a weight whose K is the hidden axis
             qw = quantize_blockwise(w, bits=e.bits, block_size=e.block_size, symmetric=e.symmetric)
             offset = (1 << (e.bits - 1)) if e.symmetric else 0  # unsigned codes; symmetric: around 2**(b-1)
             codes = (qw.q.T.astype(np.int16) + offset).astype(np.uint8)  # [V, H], rows unpadded
