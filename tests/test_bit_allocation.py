@@ -25,51 +25,38 @@ def sample(tmp_path_factory):
     return build_sample_model("optimum", tmp_path_factory.mktemp("alloc"))
 
 
-@pytest.fixture(scope="module")
-def tied(sample, tmp_path_factory):
-    """The sample decoder with its lm_head tied to the embedding table (``MatMul(x, Transpose(table))``, as
-    optimum exports SmolLM2)."""
+def _tie(sample, tmp_path_factory, name: str, *, through_head: bool):
+    """The sample decoder with its embedding table and lm_head weight made one initializer, read through a
+    Transpose: the table's (``MatMul(x, Transpose(table))``, as optimum exports SmolLM2) or, `through_head`,
+    the lm_head's (``Gather(Transpose(W_lm_head), ids)``, as onnxruntime-genai's builder writes it)."""
     model = onnx.load(str(sample.path))
     inits = {t.name: t for t in model.graph.initializer}
     gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
                   and len(inits[n.input[0]].dims) == 2)
     head = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits][-1]
-    table = numpy_helper.to_array(inits[gather.input[0]])
-    assert numpy_helper.to_array(inits[head.input[1]]).shape == table.T.shape
-    old = head.input[1]
-    model.graph.initializer.remove(inits[old])
-    transpose = helper.make_node("Transpose", [gather.input[0]], ["tied_lm_head_weight"], perm=[1, 0], name="tie")
-    head.input[1] = "tied_lm_head_weight"
+    assert tuple(inits[head.input[1]].dims) == tuple(inits[gather.input[0]].dims)[::-1]
+    kept, reader, slot = (head.input[1], gather, "tied_table") if through_head else (gather.input[0], head, "tied_lm_head_weight")
+    model.graph.initializer.remove(inits[reader.input[0 if through_head else 1]])
+    transpose = helper.make_node("Transpose", [kept], [slot], perm=[1, 0], name=f"{name}/Transpose")
+    reader.input[0 if through_head else 1] = slot
     nodes = list(model.graph.node)
     model.graph.ClearField("node")
     model.graph.node.extend([transpose] + nodes)
-    out = tmp_path_factory.mktemp("tied") / "model.onnx"
+    out = tmp_path_factory.mktemp(name) / "model.onnx"
     onnx.save(model, str(out))
     for extra in sample.path.parent.glob("*.json"):
         (out.parent / extra.name).write_text(extra.read_text())
     return out
+
+
+@pytest.fixture(scope="module")
+def tied(sample, tmp_path_factory):
+    return _tie(sample, tmp_path_factory, "tied", through_head=False)
 
 
 @pytest.fixture(scope="module")
 def builder_tied(sample, tmp_path_factory):
-    """The sample decoder with its embedding read as ``Gather(Transpose(W_lm_head), ids)``: onnxruntime-genai's
-    builder ties SmolLM2's table to the lm_head's [hidden, vocab] weight this way."""
-    model = onnx.load(str(sample.path))
-    inits = {t.name: t for t in model.graph.initializer}
-    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
-                  and len(inits[n.input[0]].dims) == 2)
-    head = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits][-1]
-    model.graph.initializer.remove(inits[gather.input[0]])
-    transpose = helper.make_node("Transpose", [head.input[1]], ["tied_table"], perm=[1, 0], name="embed/Transpose")
-    gather.input[0] = "tied_table"
-    nodes = list(model.graph.node)
-    model.graph.ClearField("node")
-    model.graph.node.extend([transpose] + nodes)
-    out = tmp_path_factory.mktemp("builder_tied") / "model.onnx"
-    onnx.save(model, str(out))
-    for extra in sample.path.parent.glob("*.json"):
-        (out.parent / extra.name).write_text(extra.read_text())
-    return out
+    return _tie(sample, tmp_path_factory, "embed", through_head=True)
 
 
 def _quantize(path, tmp_path, **options):
