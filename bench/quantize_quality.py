@@ -270,12 +270,12 @@ def markdown(data: dict) -> str:
     sized = [r for r in rows if r["row"] in SIZE_ROWS]
     if sized:
         lines += ["## Whole outputs as shipped (lm_head and embeddings included)", "",
-                  "| model | output | ppl | MB | bits per weight (linear layers) | with embeddings |", "|---|---|---|---|---|---|"]
+                  "| model | output | ppl | MB | MiB | bits per weight (linear layers) | with embeddings |", "|---|---|---|---|---|---|---|"]
         for r in sized:
             if "error" in r:
-                lines.append(f"| {r['model']} | {LABELS[r['row']]} | failed: {r['error'][:80]} | | | |")
+                lines.append(f"| {r['model']} | {LABELS[r['row']]} | failed: {r['error'][:80]} | | | | |")
             else:
-                lines.append(f"| {r['model']} | {LABELS[r['row']]} | {r['ppl']:.2f} | {r['bytes'] / 1e6:.1f} | "
+                lines.append(f"| {r['model']} | {LABELS[r['row']]} | {r['ppl']:.2f} | {r['bytes'] / 1e6:.1f} | {r['bytes'] / 2**20:.1f} | "
                              f"{r.get('bits_per_weight', float('nan')):.3f} | {r.get('bits_per_weight_with_embeddings') or float('nan'):.3f} |")
         lines.append("")
     lines += ["Notes:", "",
@@ -317,6 +317,21 @@ def _checks(rows: list[dict]) -> list[str]:
     return out + [""]
 
 
+def merge(target: Path, sources: list[Path]) -> None:
+    """Rows of `sources` added to `target` by (model, block, row): a measured row replaces a failed one."""
+    data = json.loads(target.read_text()) if target.is_file() else {"rows": []}
+    rows = {(r["model"], r["block"], r["row"]): r for r in data["rows"]}
+    for source in sources:
+        other = json.loads(source.read_text())
+        for r in other["rows"]:
+            key = (r["model"], r["block"], r["row"])
+            if key not in rows or ("error" in rows[key] and "error" not in r):
+                rows[key] = r
+        data.update(date=other.get("date", data.get("date")), cores=other.get("cores", data.get("cores")))
+    data["rows"] = list(rows.values())
+    target.write_text(json.dumps(data, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -328,10 +343,14 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip them")
     parser.add_argument("--retry-failed", action="store_true", help="with --resume: measure failed rows again")
     parser.add_argument("--from-json", action="store_true", help="only rewrite --markdown from --json")
+    parser.add_argument("--merge", nargs="+", default=(), metavar="JSON",
+                        help="first merge the rows of these files (runs made in parallel, each with its own --json) into --json")
     parser.add_argument("--markdown", default="docs/quantize_quality.md")
     parser.add_argument("--json", dest="json_path", default="docs/quantize_quality.json")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    if args.merge:
+        merge(Path(args.json_path), [Path(p) for p in args.merge])
     if not args.from_json:
         measure(args)
     text = markdown(json.loads(Path(args.json_path).read_text()))
