@@ -252,6 +252,9 @@ def _write_quantized(run: _Run, tmp: Path) -> tuple[QuantPlan, QuantizeSummary]:
     plan = build_quant_plan(model, run.config, keep=run.keep, ranges=run.ranges, importance=run.importance,
                             accuracy_levels=run.accuracy_levels, types=types, sensitivity=run.sensitivity,
                             hessians=run.hessians)
+    if run.config.embedding_bits and not plan.embeddings:  # asked for explicitly: say why nothing happened
+        run.say(f"--embedding-bits {run.config.embedding_bits}: no embedding table to quantize (a Gather of a float "
+                "initializer, or of its Transpose, that nothing but a quantized lm_head also reads)")
     _rewrite(run, model, plan)
     summary = _summary(run, model, plan)
     summary.seconds["detect"] = t1 - t0

@@ -290,6 +290,18 @@ def test_table_read_through_a_transpose_of_the_lm_head_weight(builder_tied, tmp_
     np.testing.assert_allclose(got, dequantize_blockwise(ref).T[ids], rtol=2e-6, atol=1e-7)
 
 
+def test_embedding_bits_asked_for_but_no_table_quantizable_says_why(tied, tmp_path):
+    """A tied table that a float lm_head still reads stays float (quantizing it would add a table): with
+    --embedding-bits given explicitly, the progress says so instead of silently doing nothing."""
+    said = []
+    out = tmp_path / "q.onnx"
+    summary = quantize_model(tied, out, QuantizeConfig(force=True, embedding_bits=8, lm_head_bits=0), progress=said.append)
+    assert not summary.embeddings
+    assert any("--embedding-bits 8: no embedding table to quantize" in m for m in said), said
+    default = quantize_model(tied, out, QuantizeConfig(force=True, lm_head_bits=0), progress=said.append)
+    assert not default.embeddings and sum("no embedding table" in m for m in said) == 1  # the default stays quiet
+
+
 # ---------------------------------------------------------------------------------------------
 # Measured sensitivity
 
