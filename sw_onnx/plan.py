@@ -344,7 +344,7 @@ def _plan_embeddings(model: ir.Model, plans: Sequence[LayerPlan], config: Quanti
     out = []
     for table in find_embeddings(model):
         name = table.initializer.name
-        head = heads.get(name)
+        head = heads.get(name) or _equal_head(table, heads, model)
         if table.other_uses and (head is None or not _only_feeds(table, head.node)):
             continue
         out.append(EmbeddingPlan(
@@ -353,6 +353,23 @@ def _plan_embeddings(model: ir.Model, plans: Sequence[LayerPlan], config: Quanti
             shared_with=head.node if head is not None else None, compute_dtype=int(table.initializer.dtype),
             transposed=table.transpose is not None))
     return out
+
+
+def _equal_head(table: EmbeddingTable, heads: Mapping[str, LayerPlan], model: ir.Model) -> LayerPlan | None:
+    """The quantized lm_head whose own weight [hidden, vocab] holds the table's values transposed: a tie the
+    export wrote as two copies (Gemma-3 through optimum), shared like one. Compared in vocab chunks."""
+    if table.transpose is not None:
+        return None
+    for name, head in heads.items():
+        weight = model.graph.initializers.get(name)
+        if weight is None or weight.const_value is None or weight.shape is None or \
+                tuple(weight.shape) != (table.hidden, table.vocab) or weight.dtype != table.initializer.dtype:
+            continue
+        a, b = table.initializer.const_value.numpy(), weight.const_value.numpy()  # [V, H], [H, V]
+        step = max(1, (1 << 22) // max(1, table.hidden))  # vocab rows per chunk: each read once, in long runs
+        if all(np.array_equal(a[i:i + step], b[:, i:i + step].T) for i in range(0, table.vocab, step)):
+            return head
+    return None
 
 
 def _only_feeds(table: EmbeddingTable, lm_head_node: str) -> bool:

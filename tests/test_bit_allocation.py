@@ -290,6 +290,32 @@ def test_table_read_through_a_transpose_of_the_lm_head_weight(builder_tied, tmp_
     np.testing.assert_allclose(got, dequantize_blockwise(ref).T[ids], rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("equal", [True, False])
+def test_lm_head_weight_equal_to_the_table_is_shared_as_a_tie(sample, tmp_path, equal):
+    """An export that wrote a tied lm_head as its own copy of the table (Gemma-3 through optimum): equal values
+    are shared like a tie (one set of codes); a copy differing in one value is not."""
+    model = onnx.load(str(sample.path))
+    inits = {t.name: t for t in model.graph.initializer}
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits)
+    head = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits][-1]
+    copy = numpy_helper.to_array(inits[gather.input[0]]).T.copy()
+    if not equal:
+        copy[3, 5] += np.float32(1e-3)
+    inits[head.input[1]].CopyFrom(numpy_helper.from_array(copy, head.input[1]))
+    path = tmp_path / "copied" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(model, str(path))
+    for extra in sample.path.parent.glob("*.json"):
+        (path.parent / extra.name).write_text(extra.read_text())
+    summary, out = _quantize(path, tmp_path, embedding_bits=8, lm_head_bits=8)
+    (e,) = summary.embeddings
+    lm_head = next(p for p in summary.quantized if p.is_lm_head)
+    assert (e.shared_with == lm_head.node) == equal and summary.verification["passed"]
+    written = {t.name for t in onnx.load(str(out)).graph.initializer}
+    assert gather.input[0] not in written  # the float table is gone either way
+    assert (f"{e.initializer}/sw_onnx_gbq/data" in written) == (not equal)  # own codes only when not shared
+
+
 def test_embedding_bits_asked_for_but_no_table_quantizable_says_why(tied, tmp_path):
     """A tied table that a float lm_head still reads stays float (quantizing it would add a table): with
     --embedding-bits given explicitly, the progress says so instead of silently doing nothing."""
