@@ -102,7 +102,8 @@ def _run_child(tool: str, src: Path, dst: Path, params: dict) -> dict:
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
         raise RuntimeError((out.stderr.strip().splitlines() or ["failed"])[-1][:300])
-    return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{")))
+    # k_quant's progress bar ends without a newline, so the result may share its line: parse from its start
+    return json.loads(out.stdout[out.stdout.rindex('{"seconds"'):].splitlines()[0])
 
 
 def file_bits_per_weight(path: Path) -> tuple[float, int]:
