@@ -25,7 +25,7 @@ class QuantizeConfig:
 
     Defaults: int4 with a zero point per block of 32 (5.125 bits per weight with fp32 scales), ``clip="mse"``
     (per block, the candidate of least importance-weighted squared error among the min-max and symmetric ranges,
-    each shrunk by 1, 0.975, ..., 0.8, then 2 rounds of least-squares scale refit), ``error_weight="x2"``
+    each shrunk by 1, 0.95, ..., 0.8, then 2 rounds of least-squares scale refit; int8: 9 factors, no refit), ``error_weight="x2"``
     (each weight's error weighted by its input channel's E[x^2], measured data-free on the detection prompt
     without its first token), super weights and super-activation input channels kept out, the lm_head at 8
     bits. Chosen by the worst case over SmolLM2-135M and Gemma-3-270M, each as exported (weights on a GGUF
