@@ -318,6 +318,33 @@ def _checks(rows: list[dict]) -> list[str]:
     return out + [""]
 
 
+def summary(rows: list[dict]) -> str:
+    """The README's table: per model and block, fp32, the best onnxruntime RTN, the default, the gap it closes,
+    and the 4.85-bit budget against the k_quant_mixed-style rule at the same bits."""
+    def get(model, block, row):
+        r = next((x for x in rows if (x["model"], x["block"], x["row"]) == (model, block, row) and "ppl" in x), None)
+        return r
+
+    lines = ["| model | block | onnxruntime RTN, best (bpw) | sw-onnx default (bpw) | gap to fp32 closed | "
+             "`--bits-per-weight 4.85` / rule at 4.85 |", "|---|---|---|---|---|---|"]
+    for name in MODELS:
+        fp32 = get(name, 0, "fp32")
+        for block in sorted({r["block"] for r in rows if r["model"] == name and r["block"]}):
+            ort = [x for x in (get(name, block, "ort-rtn-sym"), get(name, block, "ort-rtn-asym")) if x]
+            default = get(name, block, "sw-default")
+            if not ort or default is None or fp32 is None:
+                continue
+            best = min(ort, key=lambda x: x["ppl"])
+            gap = (best["ppl"] - default["ppl"]) / (best["ppl"] - fp32["ppl"])
+            ours, rule = get(name, block, "sw-bpw-4.85"), get(name, block, "kquant-bpw-4.85")
+            closed = lambda r: (best["ppl"] - r["ppl"]) / (best["ppl"] - fp32["ppl"])  # noqa: E731
+            budget = (f"**{ours['ppl']:.2f}** ({closed(ours):.0%}) / {rule['ppl']:.2f} ({closed(rule):.0%})" if ours and rule
+                      else "n/a (int4 alone costs more)")
+            lines.append(f"| {name} (fp32 {fp32['ppl']:.2f}) | {block} | {best['ppl']:.2f} ({best['bits_per_weight']:.3f}) | "
+                         f"**{default['ppl']:.2f}** ({default['bits_per_weight']:.3f}) | {gap:.0%} | {budget} |")
+    return "\n".join(lines)
+
+
 def merge(target: Path, sources: list[Path]) -> None:
     """Rows of `sources` added to `target` by (model, block, row): a measured row replaces a failed one."""
     data = json.loads(target.read_text()) if target.is_file() else {"rows": []}
@@ -344,6 +371,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip them")
     parser.add_argument("--retry-failed", action="store_true", help="with --resume: measure failed rows again")
     parser.add_argument("--from-json", action="store_true", help="only rewrite --markdown from --json")
+    parser.add_argument("--summary", action="store_true", help="print only the README's summary table from --json")
     parser.add_argument("--merge", nargs="+", default=(), metavar="JSON",
                         help="first merge the rows of these files (runs made in parallel, each with its own --json) into --json")
     parser.add_argument("--markdown", default="docs/quantize_quality.md")
@@ -352,6 +380,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     if args.merge:
         merge(Path(args.json_path), [Path(p) for p in args.merge])
+    if args.summary:
+        print(summary(json.loads(Path(args.json_path).read_text())["rows"]))
+        return
     if not args.from_json:
         measure(args)
     text = markdown(json.loads(Path(args.json_path).read_text()))
