@@ -338,8 +338,10 @@ def summary(rows: list[dict]) -> str:
             gap = (best["ppl"] - default["ppl"]) / (best["ppl"] - fp32["ppl"])
             ours, rule = get(name, block, "sw-bpw-4.85"), get(name, block, "kquant-bpw-4.85")
             closed = lambda r: (best["ppl"] - r["ppl"]) / (best["ppl"] - fp32["ppl"])  # noqa: E731
+            refused = any((x["model"], x["block"], x["row"]) == (name, block, "sw-bpw-4.85") and "alone costs" in x.get("error", "")
+                          for x in rows)
             budget = (f"**{ours['ppl']:.2f}** ({closed(ours):.0%}) / {rule['ppl']:.2f} ({closed(rule):.0%})" if ours and rule
-                      else "n/a (int4 alone costs more)")
+                      else "n/a (int4 alone costs more)" if refused else "not measured")
             lines.append(f"| {name} (fp32 {fp32['ppl']:.2f}) | {block} | {best['ppl']:.2f} ({best['bits_per_weight']:.3f}) | "
                          f"**{default['ppl']:.2f}** ({default['bits_per_weight']:.3f}) | {gap:.0%} | {budget} |")
     return "\n".join(lines)
