@@ -25,15 +25,18 @@ class QuantizeConfig:
 
     Defaults: int4 with a zero point per block of 32 (5.125 bits per weight with fp32 scales), ``clip="mse"``
     (per block, the candidate of least importance-weighted squared error among the min-max and symmetric ranges,
-    each shrunk by 1, 0.95, ..., 0.8, then 2 rounds of least-squares scale refit; int8: 9 factors, no refit), ``error_weight="x2"``
-    (each weight's error weighted by its input channel's E[x^2], measured data-free on the detection prompt
-    without its first token), super weights and super-activation input channels kept out, the lm_head at 8
-    bits. Chosen by the worst case over SmolLM2-135M and Gemma-3-270M, each as exported (weights on a GGUF
-    4-bit grid) and off the grid (`sample_models/offgrid.py`), lm_head float: WikiText-2 perplexity at b32 /
-    b128, old default (w2) -> new: SmolLM2 off the grid 42.10 / 45.04 -> 40.43 / 41.96, exported 41.52 / 46.20
-    -> 39.86 / 43.45 (16 windows, fp32 36.00); Gemma-3 off the grid 30.41 / 36.17 -> 27.03 / 30.74, exported
-    30.45 / 38.84 -> 26.73 / 30.96 (8 windows, BOS + 511, fp32 23.46). docs/quantize_defaults.md has every
-    variant tried, docs/quantize_quality.md the bench (onnxruntime's quantizers, block sizes, budgets).
+    each shrunk by 1, 0.95, ..., 0.8, then 2 rounds of least-squares scale refit; int8: 9 factors, no refit),
+    ``error_weight="x2"`` (each weight's error weighted by its input channel's E[x^2], measured data-free on the
+    detection prompt without its first token), super weights and super-activation input channels kept out, the
+    lm_head at 8 bits, embedding tables at 8 bits (one table shared with a tied lm_head). Chosen by the worst
+    case over SmolLM2-135M and Gemma-3-270M, each as exported (weights on a GGUF 4-bit grid) and off the
+    grid (`sample_models/offgrid.py`). WikiText-2 perplexity, lm_head float, default vs the best onnxruntime RTN at
+    the same block, b32 / b128: SmolLM2 exported 39.82 / 43.58 vs 45.46 / 50.15, off the grid 40.35 / 42.23 vs
+    43.21 / 46.55 (16 windows, fp32 36.00); Gemma-3 exported 26.80 / 31.01 vs 28.99 / 37.79, off the grid
+    27.24 / 30.61 vs 29.49 / 37.47 (8 windows, BOS + 511, fp32 23.46). Whole default outputs: SmolLM2 97.8 MiB
+    at 39.81 (205.8 MiB with the embedding float), Gemma-3 247.5 MiB at 26.84 (887.5). docs/quantize_quality.md
+    has the bench (blocks 32-256, onnxruntime's quantizers, budgets), docs/quantize_defaults.md every variant
+    tried and what lost (GPTQ, AWQ-style scale migration, float zero points).
 
     Attributes:
         bits: 4 or 8.
@@ -87,14 +90,14 @@ class QuantizeConfig:
             as onnxruntime-genai's k_quant_mixed: qkv and down_proj of layers i < n/8, i >= 7n/8,
             (i - n/8) % 3 == 2 and the lm_head at 8 bits, in that order while the budget lasts; without
             a budget, the whole rule).
-        embedding_bits: 0 (float), 4 or 8: weight-only: embedding tables (a Gather's float initializer) become
-            ``com.microsoft::GatherBlockQuantized``, blockwise along the hidden axis in blocks of
-            ``lm_head_block_size``. None (the default): 8 for weight-only quantization, float with W8A8 or a
-            ``bits_per_weight`` budget (on
-            SmolLM2 it halves the output, 206 -> 98 MiB, at the same perplexity: docs/quantize_quality.md).
-            A table that a float lm_head also reads stays float (quantizing it would add a table). A table tied to a quantized lm_head at the same bits is shared with it (one
-            set of codes and scales for both; with a bit budget the embedding always follows the lm_head).
-            Counted in the bits per weight and the budget.
+        embedding_bits: 0 (float), 4 or 8: weight-only: embedding tables (a Gather's float initializer, or its
+            Transpose) become ``com.microsoft::GatherBlockQuantized``, blockwise along the hidden axis in blocks
+            of ``lm_head_block_size``. None (the default): 8 for weight-only quantization, float with W8A8 or a
+            ``bits_per_weight`` budget (SmolLM2's output 205.8 -> 97.8 MiB, Gemma-3's 887.5 -> 247.5 MiB, at
+            the same perplexity: docs/quantize_defaults.md). A table that a float lm_head also reads stays float
+            (quantizing it would add a table). A table tied to a quantized lm_head at the same bits (also one
+            exported as an equal copy) is shared with it: one set of codes and scales for both; with a bit
+            budget the embedding always follows the lm_head. Counted in the bits per weight and the budget.
         gptq: GPTQ error compensation (`sw_onnx.kernels.quantize_gptq`): each layer's rows are quantized in
             order and each row's rounding error pushed onto the rows not yet quantized through the Hessian
             ``X^T X`` of its inputs, from ``calib_text`` (its first 2,048 tokens) or else the detection prompt
