@@ -166,9 +166,14 @@ def measure(args) -> None:
 
     cache = Path(os.environ.get("SW_ONNX_CACHE", Path.home() / ".cache" / "sw-onnx"))
     data = json.loads(Path(args.json_path).read_text()) if args.resume and Path(args.json_path).is_file() else {"rows": []}
-    done = {(r["model"], r["block"], r["row"]) for r in data["rows"]
-            if "error" not in r or not args.retry_failed or "alone costs" in r["error"]}
-    data["rows"] = [r for r in data["rows"] if (r["model"], r["block"], r["row"]) in done]
+    selected = set(ROWS if args.only is None else args.only) | set(args.size or ())
+
+    def retried(r: dict) -> bool:  # a failed row this run measures again (a refused budget stays refused)
+        return args.retry_failed and "error" in r and "alone costs" not in r["error"] and r["row"] in selected \
+            and r["model"] in args.models and (r["block"] in args.blocks or r["row"] in SIZE_ROWS)
+
+    data["rows"] = [r for r in data["rows"] if not retried(r)]
+    done = {(r["model"], r["block"], r["row"]) for r in data["rows"]}
     work = Path(tempfile.mkdtemp(prefix="sw-onnx-quality-"))
     for name in args.models:
         folder = cache / MODELS[name]
