@@ -281,7 +281,8 @@ def markdown(data: dict) -> str:
             if "error" in r:
                 lines.append(f"| {r['model']} | {LABELS[r['row']]} | failed: {r['error'][:80]} | | | | |")
             else:
-                lines.append(f"| {r['model']} | {LABELS[r['row']]} | {r['ppl']:.2f} | {r['bytes'] / 1e6:.1f} | {r['bytes'] / 2**20:.1f} | "
+                label = LABELS[r["row"]] + (f" ({r['note']})" if r.get("note") else "")
+                lines.append(f"| {r['model']} | {label} | {r['ppl']:.2f} | {r['bytes'] / 1e6:.1f} | {r['bytes'] / 2**20:.1f} | "
                              f"{r.get('bits_per_weight', float('nan')):.3f} | {r.get('bits_per_weight_with_embeddings') or float('nan'):.3f} |")
         lines.append("")
     lines += ["Notes:", "",
