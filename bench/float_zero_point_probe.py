@@ -18,10 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sw_onnx.kernels import dequantize_blockwise, quantize_blockwise  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fakequant import evaluate_arms  # noqa: E402
 
 
 def float_zero_point(w: np.ndarray, block: int, rounds: int = 3) -> tuple[np.ndarray, float, float]:
@@ -97,27 +97,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
-    from sw_onnx.evaluate import default_wikitext_path, load_tokenizer, perplexity, wikitext_token_ids
-
     folder = Path(args.model)
-    ids = wikitext_token_ids(load_tokenizer(folder), default_wikitext_path())
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for block in args.blocks:
-            for arm in ("int", "float"):
-                t = time.perf_counter()
-                dst = Path(tmp) / f"{arm}{block}.onnx"
-                info = fake_quantized(folder / "model.onnx", dst, block, arm)
-                ppl = perplexity(dst, ids, context=512, max_windows=args.windows).perplexity
-                zp_bits = 4 if arm == "int" else 32
-                rows.append({"block": block, "zero_point": arm, "ppl": ppl, "bits_per_weight": 4 + (32 + zp_bits) / block,
-                             "seconds": time.perf_counter() - t, **info})
-                print(json.dumps(rows[-1]), flush=True)
-                for p in Path(tmp).iterdir():
-                    p.unlink()
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(rows, indent=1))
-
+    arms = [({"block": block, "zero_point": arm, "bits_per_weight": 4 + (32 + (4 if arm == "int" else 32)) / block},
+             lambda dst, block=block, arm=arm: fake_quantized(folder / "model.onnx", dst, block, arm))
+            for block in args.blocks for arm in ("int", "float")]
+    evaluate_arms(folder, arms, windows=args.windows, json_path=args.json_path)
 
 if __name__ == "__main__":
     main()

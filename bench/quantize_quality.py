@@ -295,16 +295,13 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def _checks(rows: list[dict]) -> list[str]:
-    """Issue 13's criteria, read off the rows: the default against the best onnxruntime RTN (gap to fp32
-    closed), and the budgets against the k_quant_mixed-style rule at the same bits."""
+def _cells(rows: list[dict]):
+    """Per model and block with an fp32, an onnxruntime RTN and a default row: (model, block, get, best RTN
+    row, default row, closed) where `get(row)` is that cell's measured row (or None) and `closed(r)` the share
+    of the gap from the best RTN to fp32 that `r` closes."""
     def get(model, block, row):
-        r = next((x for x in rows if (x["model"], x["block"], x["row"]) == (model, block, row)), None)
-        return r if r is not None and "ppl" in r else None
+        return next((x for x in rows if (x["model"], x["block"], x["row"]) == (model, block, row) and "ppl" in x), None)
 
-    out = ["## Checks", "", "| model | block | best onnxruntime RTN (bpw) | sw-onnx default (bpw) | gap closed | "
-           "`--bits-per-weight 4.85` vs the rule within 4.85 | budget = the whole rule's vs the rule |",
-           "|---|---|---|---|---|---|---|"]
     for name in MODELS:
         fp32 = get(name, 0, "fp32")
         for block in sorted({r["block"] for r in rows if r["model"] == name and r["block"]}):
@@ -313,43 +310,41 @@ def _checks(rows: list[dict]) -> list[str]:
             if not ort or default is None or fp32 is None:
                 continue
             best = min(ort, key=lambda x: x["ppl"])
-            gap = (best["ppl"] - default["ppl"]) / (best["ppl"] - fp32["ppl"])
-            pairs = []
-            for ours, theirs in (("sw-bpw-4.85", "kquant-bpw-4.85"), ("sw-bpw-rule", "kquant-rule")):
-                a, b = get(name, block, ours), get(name, block, theirs)
-                pairs.append(f"{a['ppl']:.2f} vs {b['ppl']:.2f} ({a['bits_per_weight']:.3f} / {b['bits_per_weight']:.3f} bpw)"
-                             if a and b else "")
-            out.append(f"| {name} | {block} | {best['ppl']:.2f} ({best['bits_per_weight']:.3f}) | {default['ppl']:.2f} "
-                       f"({default['bits_per_weight']:.3f}) | {gap:+.0%} | {pairs[0]} | {pairs[1]} |")
+            yield (name, block, lambda row, n=name, b=block: get(n, b, row), best, default,
+                   lambda r, best=best, fp32=fp32: (best["ppl"] - r["ppl"]) / (best["ppl"] - fp32["ppl"]))
+
+
+def _checks(rows: list[dict]) -> list[str]:
+    """Issue 13's criteria, read off the rows: the default against the best onnxruntime RTN (gap to fp32
+    closed), and the budgets against the k_quant_mixed-style rule at the same bits."""
+    out = ["## Checks", "", "| model | block | best onnxruntime RTN (bpw) | sw-onnx default (bpw) | gap closed | "
+           "`--bits-per-weight 4.85` vs the rule within 4.85 | budget = the whole rule's vs the rule |",
+           "|---|---|---|---|---|---|---|"]
+    for name, block, get, best, default, closed in _cells(rows):
+        pairs = []
+        for ours, theirs in (("sw-bpw-4.85", "kquant-bpw-4.85"), ("sw-bpw-rule", "kquant-rule")):
+            a, b = get(ours), get(theirs)
+            pairs.append(f"{a['ppl']:.2f} vs {b['ppl']:.2f} ({a['bits_per_weight']:.3f} / {b['bits_per_weight']:.3f} bpw)"
+                         if a and b else "")
+        out.append(f"| {name} | {block} | {best['ppl']:.2f} ({best['bits_per_weight']:.3f}) | {default['ppl']:.2f} "
+                   f"({default['bits_per_weight']:.3f}) | {closed(default):+.0%} | {pairs[0]} | {pairs[1]} |")
     return out + [""]
 
 
 def summary(rows: list[dict]) -> str:
     """The README's table: per model and block, fp32, the best onnxruntime RTN, the default, the gap it closes,
     and the 4.85-bit budget against the k_quant_mixed-style rule at the same bits."""
-    def get(model, block, row):
-        r = next((x for x in rows if (x["model"], x["block"], x["row"]) == (model, block, row) and "ppl" in x), None)
-        return r
-
+    fp32 = {r["model"]: r["ppl"] for r in rows if r["row"] == "fp32" and "ppl" in r}
     lines = ["| model | block | onnxruntime RTN, best (bpw) | sw-onnx default (bpw) | gap to fp32 closed | "
              "`--bits-per-weight 4.85` / rule at 4.85 |", "|---|---|---|---|---|---|"]
-    for name in MODELS:
-        fp32 = get(name, 0, "fp32")
-        for block in sorted({r["block"] for r in rows if r["model"] == name and r["block"]}):
-            ort = [x for x in (get(name, block, "ort-rtn-sym"), get(name, block, "ort-rtn-asym")) if x]
-            default = get(name, block, "sw-default")
-            if not ort or default is None or fp32 is None:
-                continue
-            best = min(ort, key=lambda x: x["ppl"])
-            gap = (best["ppl"] - default["ppl"]) / (best["ppl"] - fp32["ppl"])
-            ours, rule = get(name, block, "sw-bpw-4.85"), get(name, block, "kquant-bpw-4.85")
-            closed = lambda r: (best["ppl"] - r["ppl"]) / (best["ppl"] - fp32["ppl"])  # noqa: E731
-            refused = any((x["model"], x["block"], x["row"]) == (name, block, "sw-bpw-4.85") and "alone costs" in x.get("error", "")
-                          for x in rows)
-            budget = (f"**{ours['ppl']:.2f}** ({closed(ours):.0%}) / {rule['ppl']:.2f} ({closed(rule):.0%})" if ours and rule
-                      else "n/a (int4 alone costs more)" if refused else "not measured")
-            lines.append(f"| {name} (fp32 {fp32['ppl']:.2f}) | {block} | {best['ppl']:.2f} ({best['bits_per_weight']:.3f}) | "
-                         f"**{default['ppl']:.2f}** ({default['bits_per_weight']:.3f}) | {gap:.0%} | {budget} |")
+    for name, block, get, best, default, closed in _cells(rows):
+        ours, rule = get("sw-bpw-4.85"), get("kquant-bpw-4.85")
+        refused = any((x["model"], x["block"], x["row"]) == (name, block, "sw-bpw-4.85") and "alone costs" in x.get("error", "")
+                      for x in rows)
+        budget = (f"**{ours['ppl']:.2f}** ({closed(ours):.0%}) / {rule['ppl']:.2f} ({closed(rule):.0%})" if ours and rule
+                  else "n/a (int4 alone costs more)" if refused else "not measured")
+        lines.append(f"| {name} (fp32 {fp32[name]:.2f}) | {block} | {best['ppl']:.2f} ({best['bits_per_weight']:.3f}) | "
+                     f"**{default['ppl']:.2f}** ({default['bits_per_weight']:.3f}) | {closed(default):.0%} | {budget} |")
     return "\n".join(lines)
 
 

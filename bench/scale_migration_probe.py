@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sw_onnx.kernels import dequantize_blockwise, quantize_blockwise  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fakequant import evaluate_arms  # noqa: E402
 
 ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5)
 
@@ -98,29 +99,15 @@ def main() -> None:
     parser.add_argument("--bos", action="store_true", help="BOS + context - 1 tokens per window (Gemma)")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
-    from sw_onnx.evaluate import default_wikitext_path, load_tokenizer, perplexity, wikitext_token_ids
     from sw_onnx.inputs import bos_convention
 
     folder = Path(args.model)
     report = json.loads(Path(args.report).read_text())
-    ids = wikitext_token_ids(load_tokenizer(folder), default_wikitext_path())
-    bos = bos_convention(folder)[0] if args.bos else None
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for block in args.blocks:
-            for migrate in (False, True):
-                t = time.perf_counter()
-                dst = Path(tmp) / f"m{int(migrate)}b{block}.onnx"
-                info = build(folder / "model.onnx", dst, report, block, migrate)
-                ppl = perplexity(dst, ids, context=512, max_windows=args.windows, bos=bos).perplexity
-                rows.append({"model": folder.name, "block": block, "migration": migrate, "ppl": ppl,
-                             "seconds": time.perf_counter() - t, **info})
-                print(json.dumps(rows[-1]), flush=True)
-                for p in Path(tmp).iterdir():
-                    p.unlink()
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(rows, indent=1))
-
+    arms = [({"model": folder.name, "block": block, "migration": migrate},
+             lambda dst, block=block, migrate=migrate: build(folder / "model.onnx", dst, report, block, migrate))
+            for block in args.blocks for migrate in (False, True)]
+    evaluate_arms(folder, arms, windows=args.windows, bos=bos_convention(folder)[0] if args.bos else None,
+                  json_path=args.json_path)
 
 if __name__ == "__main__":
     main()

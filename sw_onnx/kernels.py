@@ -619,9 +619,9 @@ def _refit_scales(blocks: np.ndarray, s: np.ndarray, zp: np.ndarray | None, qmin
     out = np.empty_like(s)
     cols = max(1, _SEARCH_CHUNK // (nb * bs))
     for c0 in range(0, n, cols):
-        sl = (slice(None), slice(None), slice(c0, c0 + cols))
-        imp = None if importance is None else importance
-        out[sl] = _refit_chunk(blocks[sl], s[sl], None if zp is None else zp[sl], qmin, qmax, weighted, imp, iterations)
+        sl = (slice(None), slice(None), slice(c0, c0 + cols))  # importance is per row: the same for every chunk
+        out[sl] = _refit_chunk(blocks[sl], s[sl], None if zp is None else zp[sl], qmin, qmax, weighted, importance,
+                               iterations)
     return out
 
 
