@@ -36,9 +36,11 @@ __all__ = [
     "QuantizedWeight",
     "dequantize_blockwise",
     "pack_int4_low_first",
+    "pack_nibbles_along_rows",
     "quantize_blockwise",
     "quantize_gptq",
     "to_matmulnbits",
+    "unsigned_codes",
     "unpack_int4_low_first",
     "usable_cpus",
 ]
@@ -421,23 +423,33 @@ def to_matmulnbits(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndar
     if bs < 16 or bs & (bs - 1):
         raise ValueError(f"MatMulNBits needs block_size a power of two >= 16, got {bs}")
     nblocks = -(-k // bs)
-    offset = 1 << (bits - 1) if qw.symmetric else 0
 
     codes = np.zeros((n, nblocks * bs), dtype=np.uint8)
-    codes[:, :k] = (qw.q.T.astype(np.int16) + offset).astype(np.uint8)
+    codes[:, :k] = unsigned_codes(qw)
     codes = codes.reshape(n, nblocks, bs)
     if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << np.uint8(4))
+        codes = pack_nibbles_along_rows(codes)
     scales = np.ascontiguousarray(np.asarray(qw.scale, np.float32).T)
 
     if qw.zero_point is None:
         return codes, scales, None
     zp = np.ascontiguousarray(qw.zero_point.T.astype(np.uint8))
-    if bits == 4:
-        if nblocks % 2:
-            zp = np.concatenate([zp, np.full((n, 1), 8, dtype=np.uint8)], axis=1)
-        zp = zp[:, 0::2] | (zp[:, 1::2] << np.uint8(4))
-    return codes, scales, zp
+    return codes, scales, pack_nibbles_along_rows(zp, pad=8) if bits == 4 else zp
+
+
+def unsigned_codes(qw: QuantizedWeight) -> np.ndarray:
+    """The codes as uint8 [N, K] (each output column's codes along K): symmetric codes offset by
+    ``2**(bits-1)``, the zero point MatMulNBits and GatherBlockQuantized assume when none is given."""
+    offset = 1 << (qw.bits - 1) if qw.symmetric else 0
+    return (qw.q.T.astype(np.int16) + offset).astype(np.uint8)
+
+
+def pack_nibbles_along_rows(codes: np.ndarray, pad: int = 0) -> np.ndarray:
+    """4-bit values [..., C] two per byte along the last axis, low nibble first; an odd C ends with `pad`
+    (8: a zero point's neutral value)."""
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.full((*codes.shape[:-1], 1), pad, np.uint8)], axis=-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << np.uint8(4))).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -819,7 +831,6 @@ def _search_chunk(
     c = np.empty_like(x)
     best_family = np.zeros(nblk, dtype=np.int8)
     best_factor = np.zeros(nblk, dtype=np.int16)
-    half = 1 << (bits - 1)
     inv_factors = np.float32(1) / factors
     distinct = (lo != hi).astype(np.float32)
     best_err = np.full(nblk, np.inf, dtype=np.float32)

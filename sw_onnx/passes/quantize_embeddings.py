@@ -22,7 +22,7 @@ import threading
 import numpy as np
 import onnx_ir as ir
 
-from sw_onnx.kernels import quantize_blockwise
+from sw_onnx.kernels import pack_nibbles_along_rows, quantize_blockwise, unsigned_codes
 from sw_onnx.passes._rewrite import GraphBuilder
 from sw_onnx.plan import EmbeddingPlan, QuantPlan
 
@@ -95,11 +95,10 @@ def _own_tensors(b: GraphBuilder, table: ir.Value, e: EmbeddingPlan, prefix: str
             w = np.asarray(source.numpy(), dtype=np.float32)
             w = w if e.transposed else w.T  # [H, V]: a weight whose K is the hidden axis
             qw = quantize_blockwise(w, bits=e.bits, block_size=e.block_size, symmetric=e.symmetric)
-            offset = (1 << (e.bits - 1)) if e.symmetric else 0  # unsigned codes; symmetric: around 2**(b-1)
-            codes = (qw.q.T.astype(np.int16) + offset).astype(np.uint8)  # [V, H], rows unpadded
+            codes = unsigned_codes(qw)  # [V, H], rows unpadded
             zp = None if qw.zero_point is None else np.ascontiguousarray(qw.zero_point.T)
             if e.bits == 4:
-                codes, zp = _pack_rows(codes), None if zp is None else _pack_rows(zp, pad=8)
+                codes, zp = pack_nibbles_along_rows(codes), None if zp is None else pack_nibbles_along_rows(zp, pad=8)
             cache.update(data=codes, scales=np.ascontiguousarray(qw.scale.T), zp=zp)
         array = cache[name]
         taken = cache.setdefault("_taken", set())
@@ -118,9 +117,3 @@ def _own_tensors(b: GraphBuilder, table: ir.Value, e: EmbeddingPlan, prefix: str
         out.append(b.lazy(f"{prefix}/zero_points", ir.DataType.UINT8, (e.vocab, cols), lambda: ir.Tensor(part("zp"))))
     return out
 
-
-def _pack_rows(codes: np.ndarray, pad: int = 0) -> np.ndarray:
-    """4-bit codes [R, C] two per byte along each row, low nibble first (an odd row ends with `pad`)."""
-    if codes.shape[1] % 2:
-        codes = np.concatenate([codes, np.full((codes.shape[0], 1), pad, np.uint8)], axis=1)
-    return (codes[:, 0::2] | (codes[:, 1::2] << np.uint8(4))).astype(np.uint8)
