@@ -11,6 +11,7 @@ import collections
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 pytest.importorskip("transformers", reason="needs the export extra: pip install -e '.[export]'")
@@ -130,6 +131,13 @@ def test_quantized_folder_runs_in_onnxruntime_genai_and_matches_the_optimum_quan
     v = genai_summary.verification
     assert v["matmulnbits"] == v["expected_fused"] == 151 and not v["not_fused"]
     assert v["genai"]["ran"] and len(v["genai"]["new_tokens"]) == 8  # one greedy generation through og
+    # The builder's tied table (Gather(Transpose(lm_head weight))) is the default int8 GatherBlockQuantized
+    # sharing the lm_head's codes, so og runs that op too, in both runs here.
+    (table,) = genai_summary.embeddings
+    assert table.transposed and table.shared_with == "/lm_head/MatMul"
+    decoder = onnx.load(str(genai_out / "model.onnx"), load_external_data=False)
+    assert [n.op_type for n in decoder.graph.node].count("GatherBlockQuantized") == 1
+    assert not any(n.op_type == "Transpose" and n.name == "/model/embed_tokens/Transpose" for n in decoder.graph.node)
     model = og.Model(str(genai_out))
     tokenizer = og.Tokenizer(model)
     params = og.GeneratorParams(model)
