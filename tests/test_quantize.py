@@ -221,6 +221,18 @@ def test_lm_head_bits_must_be_0_4_or_8(bits, samples, monkeypatch, capsys):
     assert "--lm-head-bits" in capsys.readouterr().err and not list(samples["optimum"].path.parent.glob("*.uint4*"))
 
 
+@pytest.mark.parametrize("options,head_clip", [({}, "none"), ({"clip": "zscore"}, "zscore"),
+                                               ({"include_lm_head": True}, "mse"), ({"lm_head_bits": 4}, "mse")])
+def test_only_the_lm_heads_own_8_bits_skip_the_mse_search(samples, options, head_clip):
+    """At its own 8 bits the lm_head is round-to-nearest (the search bought nothing there: plan.LM_HEAD_INT8_SEARCH);
+    an lm_head at int4, or another clip mode, keeps what was asked; the other layers keep the search."""
+    model = ir.load(samples["optimum"].path)
+    plan = build_quant_plan(model, QuantizeConfig(**options))
+    head = next(p for p in plan.quantized if p.is_lm_head)
+    assert head.clip == head_clip and (head.refit == 0) == (head.bits == 8)
+    assert all(p.clip == options.get("clip", "mse") for p in plan.quantized if not p.is_lm_head)
+
+
 # ---------------------------------------------------------------------------------------------
 # Keep-out
 
