@@ -66,6 +66,8 @@ _COLUMN_SLICE = 1 << 20
 """Elements (padded to whole blocks) of the column slice `quantize_blockwise` works on at once: 4 MiB per
 float32 temporary (SmolLM2's layers but the lm_head fit in one; its lm_head quantize peaked ~30 MB lower
 than with 16 MiB slices, in the same time)."""
+_TRANSPOSE_TILE = 1 << 16
+"""Elements per tile of `unsigned_codes`'s transpose (64 KiB of codes: source and target rows stay in cache)."""
 _SEARCH_CHUNK = 1 << 18
 """Elements per chunk of the ``clip="mse"`` search (1 MiB per float32 work array): numpy's per-call
 overhead stays small and the work arrays stay in the last-level cache (measured fastest of 64 Ki-512 Ki)."""
@@ -215,11 +217,8 @@ def quantize_blockwise(
     q = np.empty((k, n), np.int8 if symmetric else np.uint8)
     scale = np.empty((nblocks, n), np.float32)
     zero_point = None if symmetric else np.empty((nblocks, n), np.uint8)
-    # Columns are independent (blocks run along K): a wide matrix (an lm_head) goes in column slices, so
-    # the float32 temporaries stay at a slice's size instead of several copies of the whole weight.
-    cols = max(1, _COLUMN_SLICE // (nblocks * bs))
-    for c in range(0, n, cols):
-        sl = slice(c, c + cols)
+
+    def quantize_columns(sl: slice) -> None:
         _check_finite(w[:, sl])
         blocks, valid = _to_blocks(w[:, sl], bs, None if excluded is None else excluded[:, sl])
         range_blocks = _clamp_zscore(blocks, valid, z) if clip == "zscore" else blocks
@@ -236,6 +235,12 @@ def quantize_blockwise(
         scale[:, sl] = s[:, 0, :]
         if zero_point is not None:
             zero_point[:, sl] = zp[:, 0, :]
+
+    # Columns are independent (blocks run along K): a wide matrix (an lm_head) goes in column slices, so
+    # the float32 temporaries stay at a slice's size instead of several copies of the whole weight, and
+    # the slices run on `usable_cpus` threads (each writes its own columns).
+    cols = max(1, _COLUMN_SLICE // (nblocks * bs))
+    _run_all("columns", quantize_columns, [slice(c, c + cols) for c in range(0, n, cols)], usable_cpus())
     return QuantizedWeight(q=q, scale=scale, zero_point=zero_point, bits=bits, block_size=bs, symmetric=symmetric)
 
 
@@ -424,8 +429,9 @@ def to_matmulnbits(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndar
         raise ValueError(f"MatMulNBits needs block_size a power of two >= 16, got {bs}")
     nblocks = -(-k // bs)
 
-    codes = np.zeros((n, nblocks * bs), dtype=np.uint8)
-    codes[:, :k] = unsigned_codes(qw)
+    codes = unsigned_codes(qw)
+    if nblocks * bs != k:
+        codes = np.concatenate([codes, np.zeros((n, nblocks * bs - k), np.uint8)], axis=1)
     codes = codes.reshape(n, nblocks, bs)
     if bits == 4:
         codes = pack_nibbles_along_rows(codes)
@@ -440,8 +446,14 @@ def to_matmulnbits(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndar
 def unsigned_codes(qw: QuantizedWeight) -> np.ndarray:
     """The codes as uint8 [N, K] (each output column's codes along K): symmetric codes offset by
     ``2**(bits-1)``, the zero point MatMulNBits and GatherBlockQuantized assume when none is given."""
-    offset = 1 << (qw.bits - 1) if qw.symmetric else 0
-    return (qw.q.T.astype(np.int16) + offset).astype(np.uint8)
+    k, n = qw.q.shape
+    out = np.empty((n, k), np.uint8)
+    step = max(1, _TRANSPOSE_TILE // max(k, 1))
+    for c in range(0, n, step):  # in cache-sized tiles: a whole-matrix transpose was 3-6x slower (lm_heads)
+        out[c:c + step] = qw.q[:, c:c + step].T.view(np.uint8)
+    if qw.symmetric:
+        out += np.uint8(1 << (qw.bits - 1))  # wraps: int8 -8..-1 are 248..255 as uint8, +8 -> 0..7
+    return out
 
 
 def pack_nibbles_along_rows(codes: np.ndarray, pad: int = 0) -> np.ndarray:
@@ -672,14 +684,25 @@ def mse_factors(grid: int = DEFAULT_MSE_GRID) -> np.ndarray:
     return np.linspace(1.0, MSE_MIN_FACTOR, grid, dtype=np.float32)
 
 
-_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
+_EXECUTORS: dict[tuple[str, int], ThreadPoolExecutor] = {}
 
 
-def _executor(threads: int) -> ThreadPoolExecutor:
-    """A thread pool kept for the process: starting threads for every layer costs more than its search."""
-    if threads not in _EXECUTORS:
-        _EXECUTORS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="sw-onnx-mse")
-    return _EXECUTORS[threads]
+def _executor(threads: int, job: str) -> ThreadPoolExecutor:
+    """A thread pool kept for the process (starting threads for every layer costs more than its search),
+    one per `job`: a column slice's search never waits on its own pool."""
+    if (job, threads) not in _EXECUTORS:
+        _EXECUTORS[job, threads] = ThreadPoolExecutor(threads, thread_name_prefix=f"sw-onnx-{job}")
+    return _EXECUTORS[job, threads]
+
+
+def _run_all(job: str, fn, items: list, threads: int) -> None:
+    """``fn(item)`` for every item, on `job`'s pool of up to `threads` threads (inline for one)."""
+    threads = min(threads, len(items))
+    if threads > 1:
+        list(_executor(threads, job).map(fn, items))
+    else:
+        for item in items:
+            fn(item)
 
 
 def usable_cpus(limit: int = 8) -> int:
@@ -736,12 +759,7 @@ def _search_mse(
         best_family[sl] = fam
         best_factor[sl] = idx
 
-    threads = min(_search_threads(), len(chunks))
-    if threads > 1:
-        list(_executor(threads).map(run, chunks))
-    else:
-        for chunk in chunks:
-            run(chunk)
+    _run_all("mse", run, chunks, _search_threads())
 
     f = factors[best_factor]
     scale, zp = _scale_zero_point(lo * f, hi * f, bits, symmetric)
