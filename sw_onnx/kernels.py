@@ -225,13 +225,16 @@ def quantize_blockwise(
         lo = range_blocks.min(axis=1, keepdims=True)
         hi = range_blocks.max(axis=1, keepdims=True)
         del range_blocks, valid
+        codes = None
         if clip == "mse":
             s, zp = _search_mse(blocks, lo, hi, bits, symmetric, weight_mode, grid, imp_blocks)
             if refit:
-                s = _refit_scales(blocks, s, zp, qmin, qmax, weight_mode, imp_blocks, refit)
+                s, codes = _refit_scales(blocks, s, zp, qmin, qmax, weight_mode, imp_blocks, refit)
         else:
             s, zp = _scale_zero_point(lo, hi, bits, symmetric)
-        q[:, sl] = _round_codes(blocks, s, zp, qmin, qmax).reshape(nblocks * bs, -1)[:k]
+        if codes is None:
+            codes = _round_codes(blocks, s, zp, qmin, qmax)
+        q[:, sl] = codes.reshape(nblocks * bs, -1)[:k]
         scale[:, sl] = s[:, 0, :]
         if zero_point is not None:
             zero_point[:, sl] = zp[:, 0, :]
@@ -635,18 +638,20 @@ def _error_weight(x: np.ndarray, mode: str, axis: int) -> np.ndarray | None:
 
 
 def _refit_scales(blocks: np.ndarray, s: np.ndarray, zp: np.ndarray | None, qmin: int, qmax: int, weighted: str,
-                  importance: np.ndarray | None, iterations: int) -> np.ndarray:
+                  importance: np.ndarray | None, iterations: int) -> tuple[np.ndarray, np.ndarray]:
     """``refit``: per block, the least-squares scale for its codes, kept where the weighted error
     (codes re-rounded with it) falls. Zero-filled elements (tail, kept-out) map to the zero point and add
-    nothing. Works on cache-sized column chunks. Returns the new scales [nblocks, 1, N]."""
+    nothing. Works on cache-sized column chunks. Returns the new scales [nblocks, 1, N] and their codes
+    (`_round_codes` of them, float32 [nblocks, B, N])."""
     nb, bs, n = blocks.shape
     out = np.empty_like(s)
+    codes = np.empty(blocks.shape, np.float32)
     cols = max(1, _SEARCH_CHUNK // (nb * bs))
     for c0 in range(0, n, cols):
         sl = (slice(None), slice(None), slice(c0, c0 + cols))  # importance is per row: the same for every chunk
-        out[sl] = _refit_chunk(blocks[sl], s[sl], None if zp is None else zp[sl], qmin, qmax, weighted, importance,
-                               iterations)
-    return out
+        out[sl], codes[sl] = _refit_chunk(blocks[sl], s[sl], None if zp is None else zp[sl], qmin, qmax, weighted,
+                                          importance, iterations)
+    return out, codes
 
 
 def _refit_chunk(blocks, s, zp, qmin, qmax, weighted, importance, iterations) -> np.ndarray:
@@ -676,7 +681,8 @@ def _refit_chunk(blocks, s, zp, qmin, qmax, weighted, importance, iterations) ->
         s = np.where(better, fit, s)
         best = np.where(better, err, best)
         q = np.where(better, q_fit, q)
-    return s
+    q += z  # back to codes: exact, small integers in float32
+    return s, q
 
 
 def mse_factors(grid: int = DEFAULT_MSE_GRID) -> np.ndarray:
@@ -825,11 +831,12 @@ def _search_chunk(
     """Best (family index, factor index) per block of one chunk [rows, B, cols]: int8, int16 [rows, 1, cols].
 
     The chunk is laid out as [B, rows * cols] (one column per block), so sums over a block run along
-    contiguous rows and the blocks still in play can be gathered. A candidate is evaluated only for the
-    blocks where it can still win: the exact error of the block's two end elements (its min and max, which
-    shrinking clips first) is a lower bound of the block's error, and a block whose bound already reaches
-    its best error so far is skipped for that candidate (it could only tie or lose, and ties keep the earlier
-    candidate). Skipped blocks never change the result.
+    contiguous rows and the blocks still in play can be gathered. Without input importance a candidate is
+    evaluated only for the blocks where it can still win: the exact error of the block's two end elements
+    (its min and max, which shrinking clips first) is a lower bound of the block's error, and a block whose
+    bound already reaches its best error so far is skipped for that candidate (it could only tie or lose, and
+    ties keep the earlier candidate). Skipped blocks never change the result. With importance the bound is not
+    computed: the end elements' rows rarely weigh much, and on SmolLM2 it pruned nothing worth its cost.
     """
     rows, bs, cols = blocks.shape
     x = np.ascontiguousarray(blocks.transpose(1, 0, 2), dtype=np.float32).reshape(bs, rows * cols)
@@ -837,36 +844,25 @@ def _search_chunk(
     hi = hi.reshape(-1)
     nblk = lo.size
     weight = _error_weight(x, weighted, 0)
-    ends = np.stack([lo, hi])  # [2, nblk]: the elements a shrink clips first
-    cols_idx = np.arange(rows * cols)
-    end_at = np.stack([x.argmin(axis=0), x.argmax(axis=0)])  # their rows: the bound uses their own weights
-    end_weight = np.ones_like(ends) if weight is None else np.stack([weight[end_at[0], cols_idx], weight[end_at[1], cols_idx]])
+    end_weight = _end_weights(x, weight) if _PRUNE and importance is None else None
     if importance is not None:  # [rows, B, 1] -> [B, rows * cols], the layout of x
         imp = np.repeat(np.ascontiguousarray(importance[:, :, 0].T, dtype=np.float32), cols, axis=1)
         weight = imp if weight is None else weight * imp
-        end_weight = end_weight * np.stack([imp[end_at[0], cols_idx], imp[end_at[1], cols_idx]])
     t = np.empty_like(x)
     c = np.empty_like(x)
     best_family = np.zeros(nblk, dtype=np.int8)
     best_factor = np.zeros(nblk, dtype=np.int16)
     inv_factors = np.float32(1) / factors
-    distinct = (lo != hi).astype(np.float32)
     best_err = np.full(nblk, np.inf, dtype=np.float32)
     for fi, family in enumerate(families):
         s1, shift, cmin, cmax = _family_scale(family, lo, hi, bits)
         inv = _inverse(s1)
         v = x * inv
-        # Lower bounds [nfactors, nblk]: exact errors of the two end elements, same arithmetic as below.
-        te = (ends * inv)[None] * inv_factors[:, None, None]
-        if shift is not None:
-            te += shift
-        re = te - _clip(np.rint(te), cmin, cmax)
         scale2 = np.square(s1[None] * factors[:, None])
-        bound = (re[:, 0] ** 2 * end_weight[0] + distinct * re[:, 1] ** 2 * end_weight[1]) * scale2
-        bound *= np.float32(1 - 1e-5) if _PRUNE else np.float32(0)  # float32 sums may round under it
+        bound = None if end_weight is None else _end_bounds(lo, hi, inv, shift, cmin, cmax, inv_factors, scale2, end_weight)
         for j in range(len(factors)):
-            live = bound[j] < best_err
-            count = int(np.count_nonzero(live))
+            live = None if bound is None else bound[j] < best_err
+            count = nblk if live is None else int(np.count_nonzero(live))
             if count == 0:
                 continue
             if count < nblk * _COMPACT_BELOW:
@@ -889,3 +885,23 @@ def _search_chunk(
             best_family[better] = fi
             best_factor[better] = j
     return best_family.reshape(rows, 1, cols), best_factor.reshape(rows, 1, cols)
+
+
+def _end_weights(x: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+    """The error weights [2, nblk] of each block's min and max element (x laid out [B, nblk])."""
+    if weight is None:
+        return np.ones((2, x.shape[1]), np.float32)
+    cols = np.arange(x.shape[1])
+    return np.stack([weight[x.argmin(axis=0), cols], weight[x.argmax(axis=0), cols]])
+
+
+def _end_bounds(lo, hi, inv, shift, cmin, cmax, inv_factors, scale2, end_weight) -> np.ndarray:
+    """Lower bounds [nfactors, nblk] of each candidate's block error: the exact errors of the block's two end
+    elements, with the same arithmetic as `_candidate_error`, less a margin for float32 sums rounding under it."""
+    te = (np.stack([lo, hi]) * inv)[None] * inv_factors[:, None, None]
+    if shift is not None:
+        te += shift
+    re = te - _clip(np.rint(te), cmin, cmax)
+    distinct = (lo != hi).astype(np.float32)
+    bound = (re[:, 0] ** 2 * end_weight[0] + distinct * re[:, 1] ** 2 * end_weight[1]) * scale2
+    return bound * np.float32(1 - 1e-5)
