@@ -28,13 +28,13 @@ class QuantizeConfig:
     each shrunk by 1, 0.95, ..., 0.8, then 2 rounds of least-squares scale refit; int8: 9 factors, no refit),
     ``error_weight="x2"`` (each weight's error weighted by its input channel's E[x^2], measured data-free on the
     detection prompt without its first token), super weights and super-activation input channels kept out, the
-    lm_head at 8 bits, embedding tables at 8 bits (one table shared with a tied lm_head). Chosen by the worst
-    case over SmolLM2-135M and Gemma-3-270M, each as exported (weights on a GGUF 4-bit grid) and off the
-    grid (`sample_models/offgrid.py`). WikiText-2 perplexity, lm_head float, default vs the best onnxruntime RTN at
+    lm_head at 8 bits (round-to-nearest), embedding tables at 8 bits (one table shared with a tied lm_head).
+    Chosen by the worst case over SmolLM2-135M and Gemma-3-270M, each as exported (weights on a GGUF 4-bit
+    grid) and off the grid (`sample_models/offgrid.py`). WikiText-2 perplexity, lm_head float, default vs the best onnxruntime RTN at
     the same block, b32 / b128: SmolLM2 exported 39.82 / 43.58 vs 45.46 / 50.15, off the grid 40.35 / 42.23 vs
     43.21 / 46.55 (16 windows, fp32 36.00); Gemma-3 exported 26.80 / 31.01 vs 28.99 / 37.79, off the grid
     27.24 / 30.61 vs 29.49 / 37.47 (8 windows, BOS + 511, fp32 23.46). Whole default outputs: SmolLM2 97.8 MiB
-    at 39.81 (205.8 MiB with the embedding float), Gemma-3 247.5 MiB at 26.84 (887.5). docs/quantize_quality.md
+    at 39.80 (205.8 MiB with the embedding float), Gemma-3 247.5 MiB at 26.84 (887.5). docs/quantize_quality.md
     has the bench (blocks 32-256, onnxruntime's quantizers, budgets), docs/quantize_defaults.md every variant
     tried and what lost (GPTQ, AWQ-style scale migration, float zero points).
 
