@@ -266,15 +266,14 @@ def _compare_logits(name: str, logits: np.ndarray, reference: np.ndarray) -> dic
 
 
 def _session(path, providers, *, optimized: Path | None = None, input_dims=None):
-    """A session for the quantized file at `path` as verification runs it: with pre-packed weights, as users
-    run it (MatMulNBits without them repacks at every run: SmolLM2's 9-token run took 0.27 s instead of 0.02 s,
-    for 0.07 s more to open and no higher peak, the packed copies replacing the quantized weights; the fp32
-    original is never opened this way); with `optimized`, at `OPTIMIZATION_LEVEL`, writing the optimized
-    graph there."""
+    """A session for the file at `path` as verification runs it: without pre-packed weights, for one short run
+    (packed copies of the quantized weights raised the peak of the bare command on bench/large_model.py's
+    2.67 GB decoder from 1,087 to 1,329 MB; SmolLM2's 9-token run takes 0.27 s instead of 0.02 s without them);
+    with `optimized`, at `OPTIMIZATION_LEVEL`, writing the optimized graph there."""
     from sw_onnx.io import open_session
 
     level = OPTIMIZATION_LEVEL if optimized is not None else True
-    session = open_session(path, providers, prepack=True, optimize=level, optimized_path=optimized)
+    session = open_session(path, providers, prepack=False, optimize=level, optimized_path=optimized)
     if input_dims:  # the original's KV-cache sizes (`sw_onnx.inputs.cache_dim_hints`) hold for its quantized copy
         session.sw_onnx_input_dims = input_dims
     return session
