@@ -273,7 +273,8 @@ def _session(path, providers, *, optimized: Path | None = None, input_dims=None)
     from sw_onnx.io import open_session
 
     level = OPTIMIZATION_LEVEL if optimized is not None else True
-    session = open_session(path, providers, prepack=False, optimize=level, optimized_path=optimized)
+    session = open_session(path, providers, prepack=False, optimize=level, optimized_path=optimized,
+                           optimized_weights=False)  # `fusion_report` reads its graph only
     if input_dims:  # the original's KV-cache sizes (`sw_onnx.inputs.cache_dim_hints`) hold for its quantized copy
         session.sw_onnx_input_dims = input_dims
     return session
