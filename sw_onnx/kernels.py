@@ -646,11 +646,13 @@ def _refit_scales(blocks: np.ndarray, s: np.ndarray, zp: np.ndarray | None, qmin
     nb, bs, n = blocks.shape
     out = np.empty_like(s)
     codes = np.empty(blocks.shape, np.float32)
-    cols = max(1, _SEARCH_CHUNK // (nb * bs))
-    for c0 in range(0, n, cols):
-        sl = (slice(None), slice(None), slice(c0, c0 + cols))  # importance is per row: the same for every chunk
+    # Chunks of whole block rows: contiguous, and each row as long as the slice (chunks of columns were
+    # strided runs of 32 floats on a K=8192 layer: the refit took 48 instead of 30 ns per weight there).
+    rows = max(1, _SEARCH_CHUNK // (bs * n))
+    for r0 in range(0, nb, rows):
+        sl = slice(r0, r0 + rows)
         out[sl], codes[sl] = _refit_chunk(blocks[sl], s[sl], None if zp is None else zp[sl], qmin, qmax, weighted,
-                                          importance, iterations)
+                                          None if importance is None else importance[sl], iterations)
     return out, codes
 
 
