@@ -151,14 +151,14 @@ class InputStatsProbe:
             x = values[name]
             if x.dtype not in (None, ir.DataType.FLOAT):
                 x = append_op(graph, "Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{tag}/cast").outputs[0]
-            shape = add_constant(graph, f"{tag}/shape", np.array([-1, width], np.int64))
+            shape = add_constant(graph, np.array([-1, width], np.int64))
             flat = append_op(graph, "Reshape", [x, shape], name=f"{tag}/flatten").outputs[0]
             a = append_op(graph, "Abs", [flat], name=f"{tag}/abs").outputs[0]
             topk = ir.node("TopK", [a, k_input], {"axis": 0, "largest": 1, "sorted": 1}, num_outputs=2, name=f"{tag}/topk")
             topk.outputs[0].name, topk.outputs[1].name = f"{tag}/top_values", f"{tag}/top_tokens"
             graph.append(topk)
             if opset >= 18:
-                axes = add_constant(graph, f"{tag}/axes", np.array([1], np.int64))
+                axes = add_constant(graph, np.array([1], np.int64))
                 token_max = append_op(graph, "ReduceMax", [a, axes], {"keepdims": 0}, name=f"{tag}/token_max").outputs[0]
             else:
                 token_max = append_op(graph, "ReduceMax", [a], {"axes": [1], "keepdims": 0}, name=f"{tag}/token_max").outputs[0]
@@ -206,11 +206,11 @@ class InputStatsProbe:
 def _square_sums(graph: ir.Graph, flat: ir.Value, opset: int, tag: str) -> tuple[ir.Value, ir.Value]:
     """``(sum over tokens of x^2 per channel, the first token's row)`` of a float [tokens, K] value."""
     if opset >= 18:
-        axes = add_constant(graph, f"{tag}/sum_sq_axes", np.array([0], np.int64))
+        axes = add_constant(graph, np.array([0], np.int64))
         sum_sq = append_op(graph, "ReduceSumSquare", [flat, axes], {"keepdims": 0}, name=f"{tag}/sum_sq").outputs[0]
     else:
         sum_sq = append_op(graph, "ReduceSumSquare", [flat], {"axes": [0], "keepdims": 0}, name=f"{tag}/sum_sq").outputs[0]
-    zero = add_constant(graph, f"{tag}/first_index", np.array(0, np.int64))
+    zero = add_constant(graph, np.array(0, np.int64))
     first = append_op(graph, "Gather", [flat, zero], {"axis": 0}, name=f"{tag}/first_row").outputs[0]
     return sum_sq, first
 
@@ -482,11 +482,11 @@ def collect_hessians(model: ir.Model, windows: Sequence[np.ndarray], *,
         tag = f"{_PREFIX}/hessian/{i}"
         if x.dtype not in (None, ir.DataType.FLOAT):
             x = append_op(graph, "Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{tag}/cast").outputs[0]
-        shape = add_constant(graph, f"{tag}/shape", np.array([-1, layer.k], np.int64))
+        shape = add_constant(graph, np.array([-1, layer.k], np.int64))
         flat = append_op(graph, "Reshape", [x, shape], name=f"{tag}/flatten").outputs[0]
         if HESSIAN_SKIP_FIRST:
-            starts, ends = (add_constant(graph, f"{tag}/{n}", np.array([v], np.int64)) for n, v in (("s", 1), ("e", 1 << 62)))
-            axes = add_constant(graph, f"{tag}/axes", np.array([0], np.int64))
+            starts, ends = (add_constant(graph, np.array([v], np.int64)) for v in (1, 1 << 62))
+            axes = add_constant(graph, np.array([0], np.int64))
             flat = append_op(graph, "Slice", [flat, starts, ends, axes], name=f"{tag}/skip_first").outputs[0]
         flat_t = append_op(graph, "Transpose", [flat], {"perm": [1, 0]}, name=f"{tag}/transpose").outputs[0]
         xtx = append_op(graph, "MatMul", [flat_t, flat], name=f"{tag}/xtx").outputs[0]
