@@ -641,8 +641,8 @@ def _refit_scales(blocks: np.ndarray, s: np.ndarray, zp: np.ndarray | None, qmin
                   importance: np.ndarray | None, iterations: int) -> tuple[np.ndarray, np.ndarray]:
     """``refit``: per block, the least-squares scale for its codes, kept where the weighted error
     (codes re-rounded with it) falls. Zero-filled elements (tail, kept-out) map to the zero point and add
-    nothing. Works on cache-sized column chunks. Returns the new scales [nblocks, 1, N] and their codes
-    (`_round_codes` of them, float32 [nblocks, B, N])."""
+    nothing. Works on cache-sized chunks of whole block rows. Returns the new scales [nblocks, 1, N] and their
+    codes (`_round_codes` of them, float32 [nblocks, B, N])."""
     nb, bs, n = blocks.shape
     out = np.empty_like(s)
     codes = np.empty(blocks.shape, np.float32)
@@ -656,7 +656,7 @@ def _refit_scales(blocks: np.ndarray, s: np.ndarray, zp: np.ndarray | None, qmin
     return out, codes
 
 
-def _refit_chunk(blocks, s, zp, qmin, qmax, weighted, importance, iterations) -> np.ndarray:
+def _refit_chunk(blocks, s, zp, qmin, qmax, weighted, importance, iterations) -> tuple[np.ndarray, np.ndarray]:
     c = _error_weight(blocks, weighted, 1)
     if importance is not None:
         c = importance * (np.float32(1) if c is None else c)

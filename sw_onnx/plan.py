@@ -448,7 +448,7 @@ def _plan_weight_only(layer: LinearLayer, ctx: _Context) -> LayerPlan:
     if own_bits and plan.bits == 8 and config.clip == "mse" and not LM_HEAD_INT8_SEARCH:
         plan.clip = "none"
     plan.error_weight = config.error_weight
-    plan.refit = MSE_REFIT_ITERATIONS if config.clip == "mse" and plan.bits == 4 else 0  # int8: its error is ~1/300
+    plan.refit = MSE_REFIT_ITERATIONS if plan.clip == "mse" and plan.bits == 4 else 0  # int8: its error is ~1/300
     plan.mse_grid = MSE_GRID_WITH_REFIT if plan.refit else None
     if config.uses_importance:
         plan.importance = _importance(layer, ctx)
