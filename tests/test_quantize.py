@@ -419,6 +419,28 @@ def test_output_whose_weights_file_is_the_inputs_external_data_is_refused(tmp_pa
         quantize_model(other, sample.path, QuantizeConfig(keep="none", force=True))
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks need a privilege there: the weights are written")
+def test_verification_reads_the_optimized_graph_and_drops_its_weights(samples, tmp_path):
+    """The optimized copy verification counts fusions in: its graph is written (one MatMulNBits per quantized
+    layer), its weights go to the null device (a link), so nothing the size of the model is written twice."""
+    from sw_onnx.io import open_session
+    from sw_onnx.verify import fusion_report
+
+    out = tmp_path / "q.onnx"
+    summary = quantize_model(samples["optimum"].path, out, QuantizeConfig(keep="none", verify=False))
+    optimized = tmp_path / "opt" / "optimized.onnx"
+    optimized.parent.mkdir()
+    open_session(out, prepack=False, optimize="ORT_ENABLE_EXTENDED", optimized_path=optimized, optimized_weights=False)
+    data = optimized.with_name(optimized.name + ".data")
+    assert not data.exists() or data.is_symlink()  # no weights file (onnxruntime 1.32 also removes the link's name)
+    counts, not_fused = fusion_report(optimized, [p.quantized_node for p in summary.quantized])
+    assert counts["MatMulNBits"] == len(summary.quantized) and not not_fused
+    kept = tmp_path / "kept" / "optimized.onnx"  # the default: the weights are written beside the graph
+    kept.parent.mkdir()
+    open_session(out, prepack=False, optimize="ORT_ENABLE_EXTENDED", optimized_path=kept)
+    assert not kept.with_name(kept.name + ".data").is_symlink() and kept.with_name(kept.name + ".data").stat().st_size > 0
+
+
 def test_verification_reuses_detections_logits_and_agrees_with_its_own_run(samples, tmp_path):
     """keep=auto: the original's logits come from detection's first pass (no second run of the original);
     they equal a plain onnxruntime run of the original, and verification gives the same figures either way."""

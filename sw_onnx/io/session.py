@@ -374,7 +374,9 @@ def _session_options(*, prepack: bool, optimize: bool | str = True, optimized_pa
 def _link_to_null_device(path: Path) -> None:
     """Make `path` a link to the null device, so that what onnxruntime writes there is dropped: writing the
     optimized copy's weights took 4.8 of the 5.5 s to open the quantized 2.67 GB decoder of bench/large_model.py
-    for verification, which reads only the graph. Where no such link can be made, they are written."""
+    for verification, which reads only the graph. onnxruntime (1.32) opens the file, then removes its name:
+    the link is gone afterwards, the weights went to the null device. Where no link can be made, they are
+    written."""
     try:
         os.symlink(os.devnull, path)
     except (OSError, NotImplementedError):
