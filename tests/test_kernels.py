@@ -16,6 +16,7 @@ from sw_onnx.kernels import (
     dequantize_blockwise,
     pack_int4_low_first,
     quantize_blockwise,
+    quantize_rows_blockwise,
     to_matmulnbits,
     unpack_int4_low_first,
 )
@@ -175,6 +176,31 @@ def test_round_trip_within_half_scale_and_equal_to_reference(k, block_size, bits
     if not symmetric:
         assert inside.mean() > 0.999
     assert_matches_reference(qw, w, bits, block_size, symmetric)
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), FORMATS)
+@pytest.mark.parametrize(("h", "block_size"), [(64, 16), (64, 32), (70, 32), (20, 64)])
+def test_table_rows_quantize_as_the_reference_of_their_transpose(bits, symmetric, h, block_size, monkeypatch):
+    """`quantize_rows_blockwise` (GatherBlockQuantized's layout: each row's blocks along H) equals the loop
+    reference on the transposed table, codes offset to unsigned when symmetric, in every row chunking."""
+    import sw_onnx.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_COLUMN_SLICE", 7 * 64)  # several row chunks, one ragged
+    table = _weight(h, 50, seed=3).T.copy()  # [V=50, H]
+    table[4] = 0.0  # an all-zero row: scale 0, codes at the zero point
+    codes, scale, zp = quantize_rows_blockwise(table, bits=bits, block_size=block_size, symmetric=symmetric)
+    q, ref_scale, ref_zp = ref_quantize(table.T, bits, block_size, symmetric)
+    offset = (1 << (bits - 1)) if symmetric else 0
+    assert codes.dtype == np.uint8 and codes.shape == table.shape
+    np.testing.assert_array_equal(codes.astype(np.int64), q.T + offset)
+    np.testing.assert_array_equal(scale, ref_scale.T)
+    if symmetric:
+        assert zp is None
+    else:
+        np.testing.assert_array_equal(zp.astype(np.int64), ref_zp.T)
+    table[7, 3] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quantize_rows_blockwise(table, bits=bits, block_size=block_size, symmetric=symmetric)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
