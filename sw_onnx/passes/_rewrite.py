@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sw_onnx.discover import LinearLayer, find_linear_layers
+from sw_onnx.io import PREFETCH
 from sw_onnx.kernels import pack_int4_low_first
 
 __all__ = ["GraphBuilder", "codes_tensor", "layers_by_name", "remove_orphans", "replace_output", "rewire_output",
@@ -36,9 +37,13 @@ class GraphBuilder:
     def const(self, name: str, array: np.ndarray) -> ir.Value:
         return self.initializer(name, ir.tensor(np.asarray(array), name=name))
 
-    def lazy(self, name: str, dtype: ir.DataType, shape: Sequence[int], make) -> ir.Value:
-        """An initializer whose data `make()` computes when the model is saved."""
-        return self.initializer(name, ir.LazyTensor(make, dtype=dtype, shape=ir.Shape(list(shape)), name=name))
+    def lazy(self, name: str, dtype: ir.DataType, shape: Sequence[int], make, prefetch=None) -> ir.Value:
+        """An initializer whose data `make()` computes when the model is saved; `prefetch`: see
+        `sw_onnx.io.PREFETCH`."""
+        tensor = ir.LazyTensor(make, dtype=dtype, shape=ir.Shape(list(shape)), name=name)
+        if prefetch is not None:
+            tensor.meta[PREFETCH] = prefetch
+        return self.initializer(name, tensor)
 
     def op(self, op_type: str, inputs, name: str, attributes=None, *, output: str | None = None,
            domain: str = "") -> ir.Value:

@@ -22,7 +22,7 @@ import threading
 import numpy as np
 import onnx_ir as ir
 
-from sw_onnx.kernels import pack_nibbles_along_rows, quantize_blockwise, unsigned_codes
+from sw_onnx.kernels import pack_nibbles_along_rows, quantize_rows_blockwise
 from sw_onnx.passes._rewrite import GraphBuilder
 from sw_onnx.plan import EmbeddingPlan, QuantPlan
 
@@ -90,16 +90,12 @@ def _own_tensors(b: GraphBuilder, table: ir.Value, e: EmbeddingPlan, prefix: str
         with lock:
             return _part(name)
 
+    def prefetch() -> None:
+        with lock:
+            _compute()
+
     def _part(name: str) -> np.ndarray:
-        if not cache:
-            w = np.asarray(source.numpy(), dtype=np.float32)
-            w = w if e.transposed else w.T  # [H, V]: a weight whose K is the hidden axis
-            qw = quantize_blockwise(w, bits=e.bits, block_size=e.block_size, symmetric=e.symmetric)
-            codes = unsigned_codes(qw)  # [V, H], rows unpadded
-            zp = None if qw.zero_point is None else np.ascontiguousarray(qw.zero_point.T)
-            if e.bits == 4:
-                codes, zp = pack_nibbles_along_rows(codes), None if zp is None else pack_nibbles_along_rows(zp, pad=8)
-            cache.update(data=codes, scales=np.ascontiguousarray(qw.scale.T), zp=zp)
+        _compute()
         array = cache[name]
         taken = cache.setdefault("_taken", set())
         taken.add(name)
@@ -107,10 +103,19 @@ def _own_tensors(b: GraphBuilder, table: ir.Value, e: EmbeddingPlan, prefix: str
             cache.clear()
         return array
 
+    def _compute() -> None:
+        if not cache:
+            w = source.numpy()
+            w = w.T if e.transposed else w  # [V, H]: each row's blocks along the hidden axis
+            codes, scales, zp = quantize_rows_blockwise(w, bits=e.bits, block_size=e.block_size, symmetric=e.symmetric)
+            if e.bits == 4:
+                codes, zp = pack_nibbles_along_rows(codes), None if zp is None else pack_nibbles_along_rows(zp, pad=8)
+            cache.update(data=codes, scales=scales, zp=zp)
+
     dtype = ir.DataType(e.compute_dtype)
     nb = -(-e.hidden // e.block_size)
     out = [b.lazy(f"{prefix}/data", ir.DataType.UINT8, (e.vocab, -(-e.hidden * e.bits // 8)),
-                  lambda: ir.Tensor(part("data"))),
+                  lambda: ir.Tensor(part("data")), prefetch=(prefetch, e.vocab * e.hidden)),
            b.lazy(f"{prefix}/scales", dtype, (e.vocab, nb), lambda: ir.Tensor(part("scales").astype(_NUMPY[dtype])))]
     if not e.symmetric:
         cols = -(-nb // 2) if e.bits == 4 else nb

@@ -92,6 +92,12 @@ class _LayerQuantizer:
         self._taken: set[str] = set()
         self._lock = threading.Lock()  # the saver computes several layers' parts on threads at once
 
+    def prefetch(self) -> None:
+        """Quantize now (if not yet done); the parts stay until all are taken."""
+        with self._lock:
+            if self._parts is None:
+                self._parts = self.quantize()
+
     def get(self, part: str) -> np.ndarray:
         with self._lock:
             if self._parts is None:
@@ -176,7 +182,8 @@ def _write_qdq(b: GraphBuilder, layer: LinearLayer, p: LayerPlan, lq: _LayerQuan
     if weights is not None:
         tensors = list(weights)
     else:
-        tensors = [b.lazy(f"{prefix}/weight", code_type, (k, n), lambda: codes_tensor(lq.get("q"), code_type)),
+        tensors = [b.lazy(f"{prefix}/weight", code_type, (k, n), lambda: codes_tensor(lq.get("q"), code_type),
+                          prefetch=(lq.prefetch, k * n)),
                    b.lazy(f"{prefix}/scale", dtype, shape, lambda: ir.Tensor(lq.get("scale").astype(_SCALE_NUMPY[dtype])))]
         if asym:
             zp_type = ir.DataType.UINT4 if p.bits == 4 else ir.DataType.UINT8
@@ -203,7 +210,8 @@ def _write_nbits(b: GraphBuilder, layer: LinearLayer, p: LayerPlan, lq: _LayerQu
     if weights is not None:
         tensors = list(weights)
     else:
-        tensors = [b.lazy(f"{prefix}/B", ir.DataType.UINT8, (n, nblocks, bs * p.bits // 8), lambda: ir.Tensor(lq.get("B"))),
+        tensors = [b.lazy(f"{prefix}/B", ir.DataType.UINT8, (n, nblocks, bs * p.bits // 8), lambda: ir.Tensor(lq.get("B")),
+                          prefetch=(lq.prefetch, k * n)),
                    b.lazy(f"{prefix}/scales", dtype, (n, nblocks), lambda: ir.Tensor(lq.get("scales").astype(_SCALE_NUMPY[dtype])))]
         if not p.symmetric:
             zp_cols = -(-nblocks // 2) if p.bits == 4 else nblocks
