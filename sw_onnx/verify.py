@@ -76,6 +76,7 @@ def verify_quantized(
     min_top1_agreement: float | None = None,
     reference_logits: tuple[str, np.ndarray] | None = None,
     input_dims: dict[str, dict[int, int]] | None = None,
+    prepack: bool = False,
 ) -> VerifyResult:
     """Verify the quantized model at `path` against the original at `reference`.
 
@@ -91,6 +92,7 @@ def verify_quantized(
             by detection's first pass): the original is then not run again.
         input_dims: the original's KV-cache axis sizes that its graph leaves symbolic
             (`sw_onnx.inputs.cache_dim_hints`), for feeding the quantized copy.
+        prepack: let onnxruntime pre-pack the quantized weights (`prepack_for_verification`).
 
     Returns:
         The result; ``result.failures`` is empty when everything passed.
@@ -108,7 +110,7 @@ def verify_quantized(
             result.failures.append(f"the original model does not run in onnxruntime: {_first_line(e)}")
             return result
         try:
-            logits = _run_quantized(path, out_name, token_ids, quantized_nodes, result, providers, input_dims)
+            logits = _run_quantized(path, out_name, token_ids, quantized_nodes, result, providers, input_dims, prepack)
         except Exception as e:
             result.failures.append(f"the quantized model does not load or run in onnxruntime: {_first_line(e)}")
             return result
@@ -131,7 +133,7 @@ def _reference_logits(reference, token_ids, providers) -> tuple[str, np.ndarray]
 
 
 def _run_quantized(path, out_name: str, token_ids, quantized_nodes, result: VerifyResult, providers,
-                   input_dims) -> np.ndarray:
+                   input_dims, prepack: bool = False) -> np.ndarray:
     """Load the written file as a user would (fusion counted from onnxruntime's optimized graph) and run it."""
     from sw_onnx.inputs import build_feeds
 
@@ -139,13 +141,13 @@ def _run_quantized(path, out_name: str, token_ids, quantized_nodes, result: Veri
     # writes only where it was told to, and a full disk there is the output's disk.
     with tempfile.TemporaryDirectory(prefix=".sw-onnx-verify-", dir=Path(path).parent) as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        session = _session(path, ["CPUExecutionProvider"], optimized=optimized, input_dims=input_dims)
+        session = _session(path, ["CPUExecutionProvider"], optimized=optimized, input_dims=input_dims, prepack=prepack)
         counts, result.not_fused = fusion_report(optimized, quantized_nodes)
         result.matmulnbits = counts.get("MatMulNBits", 0)
         result.dequantize_linear = counts.get("DequantizeLinear", 0)
         if providers and list(providers) != ["CPUExecutionProvider"]:
             del session
-            session = _session(path, providers, input_dims=input_dims)
+            session = _session(path, providers, input_dims=input_dims, prepack=prepack)
         return session.run([out_name], build_feeds(session, token_ids))[0]
 
 
@@ -265,15 +267,22 @@ def _compare_logits(name: str, logits: np.ndarray, reference: np.ndarray) -> dic
     }
 
 
-def _session(path, providers, *, optimized: Path | None = None, input_dims=None):
-    """A session for the file at `path` as verification runs it: without pre-packed weights, for one short run
-    (packed copies of the quantized weights raised the peak of the bare command on bench/large_model.py's
-    2.67 GB decoder from 1,087 to 1,329 MB; SmolLM2's 9-token run takes 0.27 s instead of 0.02 s without them);
-    with `optimized`, at `OPTIMIZATION_LEVEL`, writing the optimized graph there."""
+def prepack_for_verification(quantized_bytes: int, largest_layer_weights: int) -> bool:
+    """Whether verification's session pre-packs the quantized weights: whichever costs less memory. Without
+    pre-packing, onnxruntime dequantizes each MatMulNBits weight to float32 for the run (a transient the size
+    of the largest layer's float weight, 4 bytes a weight); with it, a packed copy of every quantized weight
+    stays beside the loaded one (about `quantized_bytes` more), and the run is faster (SmolLM2: 0.03 instead of
+    0.3 s, a peak 40 MB lower; bench/large_model.py's decoder would hold 0.4 GB more for its 262 MB lm_head)."""
+    return quantized_bytes < 4 * largest_layer_weights
+
+
+def _session(path, providers, *, optimized: Path | None = None, input_dims=None, prepack: bool = False):
+    """A session for the file at `path` as verification runs it, for one short run (`prepack`: see
+    `prepack_for_verification`); with `optimized`, at `OPTIMIZATION_LEVEL`, writing the optimized graph there."""
     from sw_onnx.io import open_session
 
     level = OPTIMIZATION_LEVEL if optimized is not None else True
-    session = open_session(path, providers, prepack=False, optimize=level, optimized_path=optimized,
+    session = open_session(path, providers, prepack=prepack, optimize=level, optimized_path=optimized,
                            optimized_weights=False)  # `fusion_report` reads its graph only
     if input_dims:  # the original's KV-cache sizes (`sw_onnx.inputs.cache_dim_hints`) hold for its quantized copy
         session.sw_onnx_input_dims = input_dims
