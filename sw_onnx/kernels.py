@@ -222,13 +222,17 @@ def quantize_blockwise(
     def quantize_part(part: tuple[slice, slice]) -> None:
         br, sl = part  # whole blocks (rows of blocks) x columns
         rows = slice(br.start * bs, min(k, br.stop * bs))
-        _check_finite(w[rows, sl])
-        blocks, valid = _to_blocks(w[rows, sl], bs, None if excluded is None else excluded[rows, sl])
+        kept_out = None if excluded is None else excluded[rows, sl]
+        blocks, valid = _to_blocks(w[rows, sl], bs, kept_out)
         imp = None if imp_blocks is None else imp_blocks[br]
-        range_blocks = _clamp_zscore(blocks, valid, z) if clip == "zscore" else blocks
-        lo = range_blocks.min(axis=1, keepdims=True)
-        hi = range_blocks.max(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", over="ignore"):  # a non-finite weight is refused just below
+            range_blocks = _clamp_zscore(blocks, valid, z) if clip == "zscore" else blocks
+            lo = range_blocks.min(axis=1, keepdims=True)
+            hi = range_blocks.max(axis=1, keepdims=True)
         del range_blocks, valid
+        # A NaN or infinity anywhere reaches its block's min or max (the z-score clamp too); kept-out weights
+        # were zeroed in the blocks and are checked on their own.
+        _check_finite(lo, hi, None if kept_out is None else w[rows, sl][kept_out])
         codes = None
         if clip == "mse":
             s, zp = _search_mse(blocks, lo, hi, bits, symmetric, weight_mode, grid, imp)
@@ -491,10 +495,11 @@ def quantize_rows_blockwise(
 
     def quantize_rows(sl: slice) -> None:
         w = np.ascontiguousarray(table[sl], dtype=np.float32)
-        _check_finite(w)
         x = w if nblocks * bs == h else np.pad(w, ((0, 0), (0, nblocks * bs - h)))  # zeros: as `_to_blocks`
         blocks = x.reshape(-1, nblocks, bs)
-        s, zp = _scale_zero_point(blocks.min(axis=2, keepdims=True), blocks.max(axis=2, keepdims=True), bits, symmetric)
+        lo, hi = blocks.min(axis=2, keepdims=True), blocks.max(axis=2, keepdims=True)
+        _check_finite(lo, hi)  # a NaN or infinity reaches its block's min or max
+        s, zp = _scale_zero_point(lo, hi, bits, symmetric)
         q = _round_codes(blocks, s, zp, qmin, qmax)
         q += offset
         codes[sl] = q.reshape(len(w), -1)[:, :h]
@@ -528,8 +533,8 @@ def _check_weight(w: np.ndarray) -> np.ndarray:
     return w.astype(np.float32, copy=False)  # finiteness: checked slice by slice in quantize_blockwise
 
 
-def _check_finite(w: np.ndarray) -> None:
-    if not np.isfinite(w).all():
+def _check_finite(*arrays: np.ndarray | None) -> None:
+    if not all(np.isfinite(a).all() for a in arrays if a is not None):
         raise ValueError("weight holds NaN or infinite values")
 
 

@@ -667,6 +667,18 @@ def test_non_finite_or_non_2d_weight_raises_value_error():
             quantize_blockwise(bad)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("clip", ["none", "zscore", "mse"])
+@pytest.mark.parametrize("where", [(0, 0), (69, 4), (33, 2)])  # first element, the ragged tail, a kept-out weight
+def test_every_non_finite_weight_is_refused_whatever_the_clip_or_keep_out(value, clip, where):
+    """Finiteness is read from each block's min and max (and the kept-out weights themselves): a NaN or an
+    infinity anywhere, also in a ragged last block or at a kept-out coordinate, is refused."""
+    w = _weight(70, 6)
+    w[where] = value
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quantize_blockwise(w, bits=4, block_size=32, clip=clip, keep_out=[(33, 2)])
+
+
 # ----------------------------------------------------------------------------------------------
 # Property test
 
