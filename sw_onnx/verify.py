@@ -99,60 +99,25 @@ def verify_quantized(
     """
     started = time.perf_counter()
     result = VerifyResult(expected_fused=len(quantized_nodes))
-    # Beside the file under test (quantize's temporary folder in the output's folder), not in /tmp: sw-onnx
-    # writes only where it was told to, and a full disk there is the output's disk.
-    with tempfile.TemporaryDirectory(prefix=".sw-onnx-verify-", dir=Path(path).parent) as tmp:
-        optimized = Path(tmp) / "optimized.onnx"
-        # onnxruntime opens the file as a user would (its optimized graph tells the fusion) on a thread, without
-        # the GIL, while the onnx checker reads it here (SmolLM2: 0.14 s of the checker's saved).
-        opening = _InBackground(lambda: _session(path, ["CPUExecutionProvider"], optimized=optimized,
-                                                 input_dims=input_dims, prepack=prepack))
-        try:
-            result.checker = _check(path)
-            session, load_error = opening.result()
-            if result.checker != "ok" and not result.checker.startswith("skipped"):
-                result.failures.append(f"onnx checker: {result.checker}")
-                return result
-            try:
-                out_name, reference = reference_logits or _reference_logits(reference, token_ids, providers)
-            except Exception as e:
-                result.failures.append(f"the original model does not run in onnxruntime: {_first_line(e)}")
-                return result
-            try:
-                if load_error is not None:
-                    raise load_error
-                logits = _run_quantized(session, path, optimized, out_name, token_ids, quantized_nodes, result,
-                                        providers, input_dims, prepack)
-            except Exception as e:
-                result.failures.append(f"the quantized model does not load or run in onnxruntime: {_first_line(e)}")
-                return result
-            _judge(result, out_name, logits, reference, min_top1_agreement)
+    try:
+        result.checker = _check(path)
+        if result.checker != "ok" and not result.checker.startswith("skipped"):
+            result.failures.append(f"onnx checker: {result.checker}")
             return result
-        finally:
-            opening.result()  # never leave onnxruntime writing into the folder being removed
-            result.seconds = time.perf_counter() - started
-
-
-class _InBackground:
-    """``fn()`` on a thread; `result` waits for (value, None) or (None, the exception it raised)."""
-
-    def __init__(self, fn):
-        import threading
-
-        self._value = self._error = None
-
-        def run() -> None:
-            try:
-                self._value = fn()
-            except Exception as e:  # handed to the caller by `result`
-                self._error = e
-
-        self._thread = threading.Thread(target=run, name="sw-onnx-verify-open", daemon=True)
-        self._thread.start()
-
-    def result(self):
-        self._thread.join()
-        return self._value, self._error
+        try:
+            out_name, reference = reference_logits or _reference_logits(reference, token_ids, providers)
+        except Exception as e:
+            result.failures.append(f"the original model does not run in onnxruntime: {_first_line(e)}")
+            return result
+        try:
+            logits = _run_quantized(path, out_name, token_ids, quantized_nodes, result, providers, input_dims, prepack)
+        except Exception as e:
+            result.failures.append(f"the quantized model does not load or run in onnxruntime: {_first_line(e)}")
+            return result
+        _judge(result, out_name, logits, reference, min_top1_agreement)
+        return result
+    finally:
+        result.seconds = time.perf_counter() - started
 
 
 def _reference_logits(reference, token_ids, providers) -> tuple[str, np.ndarray]:
@@ -167,19 +132,23 @@ def _reference_logits(reference, token_ids, providers) -> tuple[str, np.ndarray]
     return out_name, session.run([out_name], build_feeds(session, token_ids))[0]
 
 
-def _run_quantized(session, path, optimized: Path, out_name: str, token_ids, quantized_nodes, result: VerifyResult,
-                   providers, input_dims, prepack: bool) -> np.ndarray:
-    """Count the fusion in onnxruntime's optimized graph (written while `session` opened `path` on CPU) and run
-    the quantized model (with `providers` when other than CPU)."""
+def _run_quantized(path, out_name: str, token_ids, quantized_nodes, result: VerifyResult, providers,
+                   input_dims, prepack: bool = False) -> np.ndarray:
+    """Load the written file as a user would (fusion counted from onnxruntime's optimized graph) and run it."""
     from sw_onnx.inputs import build_feeds
 
-    counts, result.not_fused = fusion_report(optimized, quantized_nodes)
-    result.matmulnbits = counts.get("MatMulNBits", 0)
-    result.dequantize_linear = counts.get("DequantizeLinear", 0)
-    if providers and list(providers) != ["CPUExecutionProvider"]:
-        del session
-        session = _session(path, providers, input_dims=input_dims, prepack=prepack)
-    return session.run([out_name], build_feeds(session, token_ids))[0]
+    # Beside the file under test (quantize's temporary folder in the output's folder), not in /tmp: sw-onnx
+    # writes only where it was told to, and a full disk there is the output's disk.
+    with tempfile.TemporaryDirectory(prefix=".sw-onnx-verify-", dir=Path(path).parent) as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        session = _session(path, ["CPUExecutionProvider"], optimized=optimized, input_dims=input_dims, prepack=prepack)
+        counts, result.not_fused = fusion_report(optimized, quantized_nodes)
+        result.matmulnbits = counts.get("MatMulNBits", 0)
+        result.dequantize_linear = counts.get("DequantizeLinear", 0)
+        if providers and list(providers) != ["CPUExecutionProvider"]:
+            del session
+            session = _session(path, providers, input_dims=input_dims, prepack=prepack)
+        return session.run([out_name], build_feeds(session, token_ids))[0]
 
 
 def _judge(result: VerifyResult, out_name: str, logits: np.ndarray, reference: np.ndarray,
