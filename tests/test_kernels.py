@@ -111,15 +111,16 @@ def ref_dequantize(q, scale, zp, block_size):
     return out
 
 
-def ref_block_errors(w, deq, block_size, weighting):
-    """Sum over each block of (w - deq)^2, weighted by w^2 or not: float64 [nb, N]."""
+def ref_block_errors(w, deq, block_size, weighting, row_weight=None):
+    """Sum over each block of (w - deq)^2, weighted by w^2 or not, and by `row_weight` per row: float64 [nb, N]."""
     k, n = w.shape
     _, rows = _ref_blocks(k, block_size)
+    row_weight = np.ones(k) if row_weight is None else np.asarray(row_weight, np.float64)
     out = np.zeros((len(rows), n))
     for b, sl in enumerate(rows):
         for j in range(n):
             x = w[sl, j].astype(np.float64)
-            e = (x - deq[sl, j]) ** 2
+            e = (x - deq[sl, j]) ** 2 * row_weight[sl]
             out[b, j] = np.sum(e * x * x) if weighting == "w2" else np.sum(e)
     return out
 
@@ -379,16 +380,18 @@ def test_zscore_statistics_ignore_kept_out_weights_and_padding():
     assert dequantize_blockwise(qw)[3, 0] == 0.0
 
 
-def ref_mse_search(w, bits, block_size, symmetric, weighting="w2", keep=None):
+def ref_mse_search(w, bits, block_size, symmetric, weighting="w2", keep=None, importance=None):
     """Loop reference of clip="mse": the least weighted error over every candidate (family, factor), float64.
 
     Candidates: for asymmetric, the min-max range (forced to include 0) and the symmetric range (signed
     element of largest magnitude -> the end code), each shrunk by every factor of `mse_factors`; for
-    symmetric, the symmetric range only. Returns the best error per block, float64 [nb, N].
+    symmetric, the symmetric range only. Each row's error is multiplied by its `importance` (default 1).
+    Returns the best error per block, float64 [nb, N].
     """
     k, n = w.shape
     _, rows = _ref_blocks(k, block_size)
     keep = np.zeros(w.shape, bool) if keep is None else keep
+    importance = np.ones(k) if importance is None else np.asarray(importance, np.float64)
     half, levels = 1 << (bits - 1), (1 << bits) - 1
     best = np.full((len(rows), n), np.inf)
     for b, sl in enumerate(rows):
@@ -397,7 +400,7 @@ def ref_mse_search(w, bits, block_size, symmetric, weighting="w2", keep=None):
             if x.size == 0:
                 best[b, j] = 0.0
                 continue
-            p = x * x if weighting == "w2" else np.ones_like(x)
+            p = (x * x if weighting == "w2" else np.ones_like(x)) * importance[sl][~keep[sl, j]]
             lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
             m = x.min() if abs(x.min()) >= abs(x.max()) else x.max()
             for f in mse_factors().astype(np.float64):
@@ -419,17 +422,23 @@ def ref_mse_search(w, bits, block_size, symmetric, weighting="w2", keep=None):
 @pytest.mark.parametrize(("bits", "symmetric"), FORMATS)
 @pytest.mark.parametrize(("k", "block_size"), [(256, 32), (256, 128), (200, 64), (96, 128), (96, None)])
 @pytest.mark.parametrize("weighting", ["w2", "none"])
-def test_mse_search_finds_the_reference_optimum(k, block_size, bits, symmetric, weighting):
+@pytest.mark.parametrize("with_importance", [False, True])
+def test_mse_search_finds_the_reference_optimum(k, block_size, bits, symmetric, weighting, with_importance):
+    """The search's pick is the reference optimum, also with input importance (its own code path when the
+    importance is the only error weight: block sums by einsum in the blocks' layout)."""
     w = _weight(k, 12, seed=19)
     w[:32, 3] = 0.0  # an all-zero block
     keep = np.zeros(w.shape, bool)
     keep[5, 1] = keep[70 % k, 7] = True
+    importance = np.exp(np.random.default_rng(5).standard_normal(k) * 2) if with_importance else None
     qw = quantize_blockwise(w, bits=bits, block_size=block_size, symmetric=symmetric, clip="mse",
-                            weighting=weighting, keep_out=keep)
-    got = ref_block_errors(np.where(keep, 0, w), np.where(keep, 0, dequantize_blockwise(qw)), block_size, weighting)
-    best = ref_mse_search(w, bits, block_size, symmetric, weighting, keep)
-    # float32 error sums in the kernel: near-ties may go either way, by a few 1e-5 of the error at most
-    np.testing.assert_array_less(got, best * (1 + 2e-4) + 1e-30)
+                            weighting=weighting, keep_out=keep, importance=importance)
+    got = ref_block_errors(np.where(keep, 0, w), np.where(keep, 0, dequantize_blockwise(qw)), block_size, weighting,
+                           row_weight=importance)
+    best = ref_mse_search(w, bits, block_size, symmetric, weighting, keep, importance)
+    # float32 error sums in the kernel: near-ties may go either way, by a few 1e-5 of the error at most (a few
+    # 1e-4 with importance spanning e^+-6 on top of w^2 at int8, where candidates differ least)
+    np.testing.assert_array_less(got, best * (1 + (1e-3 if with_importance else 2e-4)) + 1e-30)
     assert np.all(dequantize_blockwise(qw)[keep] == 0)
     assert_round_trip_bound(qw, w, excluded=keep)
     if not symmetric:
