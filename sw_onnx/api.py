@@ -502,7 +502,8 @@ def _input_statistics(run: _Run, model: ir.Model, pristine: ir.Model) -> None:
     config = run.config
     needs_ranges = config.activations != "none" or config.sa_keep_out
     if config.calib_text is None:
-        _check_report_statistics(run, model)
+        if config.keep not in ("auto", "none"):  # a report's; detection's own are this model's by construction
+            _check_report_statistics(run, model)
         if not (needs_ranges and run.ranges is None) and not (config.uses_importance and run.importance is None):
             return
     run.say("calibrating linear-layer inputs (super-activation entries, activation ranges, input importance)")

@@ -604,3 +604,4 @@ def test_automatic_full_collections_come_back_after_quantize_even_on_failure(sam
     with pytest.raises(UsageError):
         quantize_model(samples["optimum"].path, tmp_path / "b.onnx", QuantizeConfig(keep=str(tmp_path / "missing.json")))
     assert gc.get_threshold() == before
+

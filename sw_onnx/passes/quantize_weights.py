@@ -66,8 +66,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         layers, planned = layers_by_name(model), self._layers()
         axes0: list[ir.Value] = []  # one shared [0] for every Unsqueeze/Squeeze
         shared: dict[tuple, tuple[list[ir.Value], set[int]]] = {}  # one quantized weight per initializer and If
+        # Every "a/b" that some initializer name continues with "/": the names a layer's prefix must not take.
+        prefixes = {name[:i] for name in model.graph.initializers for i, c in enumerate(name) if c == "/"}
         for p in planned:
-            _rewrite_layer(model.graph, layers[p.node], p, axes0, shared)
+            _rewrite_layer(model.graph, layers[p.node], p, axes0, shared, prefixes)
         if any(p.form == "nbits" for p in planned):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         if any(p.form != "nbits" and p.bits == 4 for p in planned):
@@ -134,12 +136,14 @@ class _LayerQuantizer:
         return {"q": qw.q, "scale": qw.scale, "zp": qw.zero_point}
 
 
-def _rewrite_layer(main_graph: ir.Graph, layer: LinearLayer, p: LayerPlan, axes0: list[ir.Value], shared: dict) -> None:
+def _rewrite_layer(main_graph: ir.Graph, layer: LinearLayer, p: LayerPlan, axes0: list[ir.Value], shared: dict,
+                   prefixes: set[str]) -> None:
     node = layer.node
     graph = node.graph if node.graph is not None else main_graph  # an If branch's own graph, or the main one
     prefix = f"{layer.name}/sw_onnx_q"
-    if any(name.startswith(prefix + "/") for name in main_graph.initializers):  # two nodes share a name
+    if prefix in prefixes:  # two nodes share a name
         prefix = f"{layer.name}/sw_onnx_q{layer.position}"
+    prefixes.update(prefix[:i] for i, c in enumerate(prefix + "/") if c == "/")
     alpha, beta, bias = gemm_parameters(node)
     lq = _LayerQuantizer(layer, p, alpha)
     b = GraphBuilder(graph, main_graph)
