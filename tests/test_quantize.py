@@ -593,15 +593,43 @@ def test_verification_prepacks_only_where_that_holds_less_memory(samples, tmp_pa
     assert packed.logits["max_abs_diff"] == pytest.approx(plain.logits["max_abs_diff"], rel=0.05)
 
 
-def test_automatic_full_collections_come_back_after_quantize_even_on_failure(samples, tmp_path):
-    """Full collections are deferred while the graph is built and saved, and restored afterwards: after a
-    run, and after a run that fails."""
+def test_process_settings_come_back_after_quantize_even_on_failure(samples, tmp_path, monkeypatch):
+    """Full collections are deferred and numpy's huge pages are off while quantizing; both are as they were
+    afterwards: after a run, and after a run that fails (here in the middle, at the save)."""
     import gc
 
-    before = gc.get_threshold()
-    quantize_model(samples["optimum"].path, tmp_path / "a.onnx", QuantizeConfig(keep="none", verify=False))
-    assert gc.get_threshold() == before
+    import sw_onnx.api as api
+    from numpy._core.multiarray import _set_madvise_hugepage
+
+    def settings():
+        huge = _set_madvise_hugepage(True)
+        _set_madvise_hugepage(huge)
+        return gc.get_threshold(), huge
+
+    seen = []
+    save = api._write_quantized
+
+    def spy(run, tmp):
+        seen.append(settings())
+        return save(run, tmp)
+
+    monkeypatch.setattr(api, "_write_quantized", spy)
+    for huge in (True, False):
+        _set_madvise_hugepage(huge)
+        before = settings()
+        quantize_model(samples["optimum"].path, tmp_path / f"a{huge}.onnx", QuantizeConfig(keep="none", verify=False))
+        assert settings() == before
+        assert seen[-1][1] is False
+    _set_madvise_hugepage(True)
+    before = settings()
+
+    def failing(run, tmp):
+        seen.append(settings())
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(api, "_write_quantized", failing)
     with pytest.raises(UsageError):
-        quantize_model(samples["optimum"].path, tmp_path / "b.onnx", QuantizeConfig(keep=str(tmp_path / "missing.json")))
-    assert gc.get_threshold() == before
+        quantize_model(samples["optimum"].path, tmp_path / "b.onnx", QuantizeConfig(keep="none"))
+    assert seen[-1] == ((before[0][0], before[0][1], 1 << 30), False)  # what the stages run under
+    assert settings() == before
 
