@@ -63,7 +63,7 @@ SEARCH_THREADS: int | None = 1
 2-core machine of the measurements two threads were slower (SmolLM2-135M, b32: 2.8 s vs 1.9 s, CPU time up
 40%): the numpy loops here are memory-bound and short, and the threads mostly contend."""
 
-_COLUMN_SLICE = 1 << 20
+_PART_SIZE = 1 << 20
 """Elements (padded to whole blocks) of the part of a weight `quantize_blockwise` works on at once: 4 MiB per
 float32 temporary (SmolLM2's layers but the lm_head fit in one; its lm_head quantize peaked ~30 MB lower
 than with 16 MiB parts, in the same time)."""
@@ -250,9 +250,9 @@ def quantize_blockwise(
     # Blocks are independent: the weight goes in parts of whole blocks, so that the float32 temporaries stay at
     # a part's size instead of several copies of the whole weight, and the parts run on `usable_cpus` threads
     # (each writes its own blocks). A part is whole rows of blocks (contiguous) unless one row of blocks is over
-    # `_COLUMN_SLICE` (an lm_head): then columns of one row of blocks.
-    block_rows = max(1, _COLUMN_SLICE // (bs * n))
-    cols = n if bs * n <= _COLUMN_SLICE else max(1, _COLUMN_SLICE // bs)
+    # `_PART_SIZE` (an lm_head): then columns of one row of blocks.
+    block_rows = max(1, _PART_SIZE // (bs * n))
+    cols = n if bs * n <= _PART_SIZE else max(1, _PART_SIZE // bs)
     parts = [(slice(b, min(b + block_rows, nblocks)), slice(c, c + cols))
              for b in range(0, nblocks, block_rows) for c in range(0, n, cols)]
     _run_all("columns", quantize_part, parts, usable_cpus())
@@ -507,7 +507,7 @@ def quantize_rows_blockwise(
         if zero_point is not None:
             zero_point[sl] = zp[..., 0]
 
-    rows = max(1, _COLUMN_SLICE // (nblocks * bs))
+    rows = max(1, _PART_SIZE // (nblocks * bs))
     _run_all("columns", quantize_rows, [slice(r, r + rows) for r in range(0, v, rows)], usable_cpus())
     return codes, scale, zero_point
 
@@ -773,7 +773,7 @@ _EXECUTORS: dict[tuple[str, int], ThreadPoolExecutor] = {}
 
 def _executor(threads: int, job: str) -> ThreadPoolExecutor:
     """A thread pool kept for the process (starting threads for every layer costs more than its search),
-    one per `job`: a column slice's search never waits on its own pool."""
+    one per `job`: a part's search never waits on its own pool."""
     if (job, threads) not in _EXECUTORS:
         _EXECUTORS[job, threads] = ThreadPoolExecutor(threads, thread_name_prefix=f"sw-onnx-{job}")
     return _EXECUTORS[job, threads]

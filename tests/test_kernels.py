@@ -186,7 +186,7 @@ def test_table_rows_quantize_as_the_reference_of_their_transpose(bits, symmetric
     reference on the transposed table, codes offset to unsigned when symmetric, in every row chunking."""
     import sw_onnx.kernels as kernels
 
-    monkeypatch.setattr(kernels, "_COLUMN_SLICE", 7 * 64)  # several row chunks, one ragged
+    monkeypatch.setattr(kernels, "_PART_SIZE", 7 * 64)  # several row chunks, one ragged
     table = _weight(h, 50, seed=3).T.copy()  # [V=50, H]
     table[4] = 0.0  # an all-zero row: scale 0, codes at the zero point
     codes, scale, zp = quantize_rows_blockwise(table, bits=bits, block_size=block_size, symmetric=symmetric)
@@ -733,23 +733,26 @@ def test_property_round_trip_reference_and_packing(k, n, bits, block_size, symme
 
 @pytest.mark.parametrize("clip", ["none", "zscore", "mse"])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_column_slices_give_the_whole_matrix_result(clip, symmetric, monkeypatch):
-    """Wide weights are quantized in column slices (bounded temporaries): codes, scales and zero points must
-    equal those of one pass over the whole matrix, keep-out and a ragged last block and slice included."""
+def test_parts_give_the_whole_matrix_result(clip, symmetric, monkeypatch):
+    """Weights are quantized in parts of whole blocks (bounded temporaries): rows of blocks, or columns of one
+    row of blocks when a row is too wide. Codes, scales and zero points must equal those of one pass over the
+    whole matrix, keep-out and a ragged last block and part included."""
     import sw_onnx.kernels as kernels
 
     rng = np.random.default_rng(3)
     w = (rng.standard_t(df=3, size=(70, 53)) * 0.02).astype(np.float32)
     keep = [(5, 0), (69, 52), (33, 17)]
     whole = quantize_blockwise(w, bits=4, block_size=32, symmetric=symmetric, clip=clip, keep_out=keep)
-    monkeypatch.setattr(kernels, "_COLUMN_SLICE", 96 * 5)  # 5 columns per slice (3 blocks of 32 each)
-    sliced = quantize_blockwise(w, bits=4, block_size=32, symmetric=symmetric, clip=clip, keep_out=keep)
-    np.testing.assert_array_equal(sliced.q, whole.q)
-    np.testing.assert_array_equal(sliced.scale, whole.scale)
-    if symmetric:
-        assert sliced.zero_point is None and whole.zero_point is None
-    else:
-        np.testing.assert_array_equal(sliced.zero_point, whole.zero_point)
+    # 15 columns of one row of blocks per part; then 2 rows of blocks (all columns) per part, the last ragged
+    for part in (32 * 15, 32 * 53 * 2):
+        monkeypatch.setattr(kernels, "_PART_SIZE", part)
+        sliced = quantize_blockwise(w, bits=4, block_size=32, symmetric=symmetric, clip=clip, keep_out=keep)
+        np.testing.assert_array_equal(sliced.q, whole.q)
+        np.testing.assert_array_equal(sliced.scale, whole.scale)
+        if symmetric:
+            assert sliced.zero_point is None and whole.zero_point is None
+        else:
+            np.testing.assert_array_equal(sliced.zero_point, whole.zero_point)
     assert sliced.q.dtype == whole.q.dtype and sliced.scale.dtype == np.float32
 
 
