@@ -34,7 +34,8 @@ class QuantizeConfig:
     the same block, b32 / b128: SmolLM2 exported 39.82 / 43.58 vs 45.46 / 50.15, off the grid 40.35 / 42.23 vs
     43.21 / 46.55 (16 windows, fp32 36.00); Gemma-3 exported 26.80 / 31.01 vs 28.99 / 37.79, off the grid
     27.24 / 30.61 vs 29.49 / 37.47 (8 windows, BOS + 511, fp32 23.46). Whole default outputs: SmolLM2 97.8 MiB
-    at 39.80 (205.8 MiB with the embedding float), Gemma-3 247.5 MiB at 26.84 (887.5). docs/quantize_quality.md
+    at 39.78 (205.8 MiB with the embedding float), Gemma-3 247.5 MiB at 26.88 (887.5); the refit's arithmetic
+    changed after the tables (within 0.1% either way, docs/quantize_defaults.md). docs/quantize_quality.md
     has the bench (blocks 32-256, onnxruntime's quantizers, budgets), docs/quantize_defaults.md every variant
     tried and what lost (GPTQ, AWQ-style scale migration, float zero points).
 
