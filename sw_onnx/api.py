@@ -253,21 +253,25 @@ def _no_huge_pages():
     ``madvise`` setting, Debian's default) each fresh 2 MB page is compacted and zeroed on first touch, and the
     quantizer's temporaries are fresh memory: bench/large_model.py's decoder spent 1.3 s more in the kernel and
     0.8 s more wall with them (3 alternating runs of the bare command)."""
-    try:
-        from numpy._core.multiarray import _set_madvise_hugepage
-    except ImportError:  # pragma: no cover - numpy < 2
-        try:
-            from numpy.core.multiarray import _set_madvise_hugepage
-        except ImportError:
-            _set_madvise_hugepage = None
-    if _set_madvise_hugepage is None:  # pragma: no cover
+    set_huge_pages = _madvise_hugepage_switch()
+    if set_huge_pages is None:  # pragma: no cover - a numpy without the switch
         yield
         return
-    previous = _set_madvise_hugepage(False)
+    previous = set_huge_pages(False)
     try:
         yield
     finally:
-        _set_madvise_hugepage(previous)
+        set_huge_pages(previous)
+
+
+def _madvise_hugepage_switch():
+    """numpy's ``_set_madvise_hugepage(enabled) -> previous`` (numpy 1.20+, private module), or None."""
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            return getattr(__import__(module, fromlist=["_set_madvise_hugepage"]), "_set_madvise_hugepage")
+        except (ImportError, AttributeError):
+            continue
+    return None
 
 
 def _write_quantized(run: _Run, tmp: Path) -> tuple[QuantPlan, QuantizeSummary]:
