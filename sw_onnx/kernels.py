@@ -5,8 +5,8 @@ Layout: a MatMul weight is float32 ``w[K, N]`` and blocks run along K (axis 0), 
 K need not be a multiple of B: the last block is shorter and the scale has ``ceil(K / B)`` rows.
 Every kernel is vectorised over all blocks: the weight is viewed as ``[nblocks, B, N]`` with the ragged
 tail zero-filled (zero never moves a range that always includes 0, and it is masked out of statistics).
-The ``clip="mse"`` search runs on cache-sized chunks on `SEARCH_THREADS` threads and skips, per block, the
-candidates a lower bound already rules out; the result does not depend on either.
+The ``clip="mse"`` search runs on chunks of `_SEARCH_CHUNK` elements on `SEARCH_THREADS` threads and skips, per
+block, the candidates a lower bound already rules out; the result does not depend on either.
 
 Formats (``q`` codes, ``scale`` float32, ``zero_point`` uint8), matching ONNX Runtime's own RTN
 quantizer (``quantize_matmul_4bits``/``quantize_matmul_8bits``, used by ``MatMulNBitsQuantizer``):
@@ -697,7 +697,7 @@ def _refit_scales(blocks: np.ndarray, s: np.ndarray, zp: np.ndarray | None, qmin
                   importance: np.ndarray | None, iterations: int) -> tuple[np.ndarray, np.ndarray]:
     """``refit``: per block, the least-squares scale for its codes, kept where the weighted error
     (codes re-rounded with it) falls. Zero-filled elements (tail, kept-out) map to the zero point and add
-    nothing. Works on cache-sized chunks of whole block rows. Returns the new scales [nblocks, 1, N] and their
+    nothing. Works on chunks of whole block rows (`_SEARCH_CHUNK`). Returns the new scales [nblocks, 1, N] and their
     codes (`_round_codes` of them, float32 [nblocks, B, N])."""
     nb, bs, n = blocks.shape
     out = np.empty_like(s)
@@ -822,7 +822,7 @@ def _search_mse(
     least (weighted) squared error wins; ties keep the earlier one, so min-max RTN unless another is
     strictly better. Zero-filled elements (ragged tail, kept-out weights) reconstruct exactly and add nothing.
 
-    The errors are computed in float32 on chunks small enough to stay in the CPU cache, in the units of a
+    The errors are computed in float32 on chunks of `_SEARCH_CHUNK` elements, in the units of a
     family's unshrunk scale ``s1`` (``v = w / s1``, codes ``c = clip(rint(v / f))``, error
     ``(s1 f)^2 * sum(a^2 (v / f - c)^2)`` with ``a = |w|`` or 1), on `SEARCH_THREADS` threads.
     Returns float32 [nblocks, 1, N] scale and zero point (None when `symmetric`).
