@@ -4,7 +4,8 @@ layer's output for a new one, and removing what a replaced weight leaves behind.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -13,7 +14,7 @@ from sw_onnx.discover import LinearLayer, find_linear_layers
 from sw_onnx.io import PREFETCH
 from sw_onnx.kernels import pack_int4_low_first
 
-__all__ = ["GraphBuilder", "codes_tensor", "layers_by_name", "remove_orphans", "replace_output", "rewire_output",
+__all__ = ["GraphBuilder", "LazyParts", "codes_tensor", "layers_by_name", "remove_orphans", "replace_output", "rewire_output",
            "side_path", "tensor_bytes"]
 
 
@@ -51,6 +52,36 @@ class GraphBuilder:
         node.outputs[0].name = output if output is not None else f"{name}/out"
         self.nodes.append(node)
         return node.outputs[0]
+
+
+class LazyParts:
+    """The arrays one computation makes (a layer's codes, scales and zero points), handed one part at a time
+    to the lazy tensors that write them: computed on the first request or by `prefetch`, forgotten once every
+    part was taken (peak memory: one computation's, however large the model), computed again if a part is
+    asked for later (a second save). The saver's threads call it concurrently."""
+
+    def __init__(self, compute: Callable[[], dict[str, np.ndarray | None]], part_names: Iterable[str]):
+        self._compute = compute
+        self.part_names = set(part_names)
+        self._parts: dict[str, np.ndarray | None] | None = None
+        self._taken: set[str] = set()
+        self._lock = threading.Lock()
+
+    def prefetch(self) -> None:
+        """Compute now (if not yet done) without taking a part (`sw_onnx.io.PREFETCH`)."""
+        with self._lock:
+            if self._parts is None:
+                self._parts = self._compute()
+
+    def get(self, part: str) -> np.ndarray | None:
+        with self._lock:
+            if self._parts is None:
+                self._parts = self._compute()
+            array = self._parts[part]
+            self._taken.add(part)
+            if self._taken >= self.part_names:
+                self._parts, self._taken = None, set()
+            return array
 
 
 def side_path(b: GraphBuilder, x: ir.Value, main: ir.Value, side_keep: Sequence[tuple[int, int, float]], n: int,

@@ -17,13 +17,11 @@ quantized lazily at save time, like the weights.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import onnx_ir as ir
 
 from sw_onnx.kernels import pack_nibbles_along_rows, quantize_rows_blockwise
-from sw_onnx.passes._rewrite import GraphBuilder
+from sw_onnx.passes._rewrite import GraphBuilder, LazyParts
 from sw_onnx.plan import EmbeddingPlan, QuantPlan
 
 __all__ = ["QuantizeEmbeddingsPass"]
@@ -83,42 +81,23 @@ def _rewrite_table(graph: ir.Graph, e: EmbeddingPlan, heads) -> None:
 def _own_tensors(b: GraphBuilder, table: ir.Value, e: EmbeddingPlan, prefix: str) -> list[ir.Value]:
     """The table's own codes, scales and zero points, computed when the model is saved."""
     source = table.const_value
-    cache: dict[str, np.ndarray] = {}
-    lock = threading.Lock()  # the saver may compute several tensors on threads at once
 
-    def part(name: str) -> np.ndarray:
-        with lock:
-            return _part(name)
+    def quantize() -> dict[str, np.ndarray | None]:
+        w = source.numpy()
+        w = w.T if e.transposed else w  # [V, H]: each row's blocks along the hidden axis
+        codes, scales, zp = quantize_rows_blockwise(w, bits=e.bits, block_size=e.block_size, symmetric=e.symmetric)
+        if e.bits == 4:
+            codes, zp = pack_nibbles_along_rows(codes), None if zp is None else pack_nibbles_along_rows(zp, pad=8)
+        return {"data": codes, "scales": scales, "zp": zp}
 
-    def prefetch() -> None:
-        with lock:
-            _compute()
-
-    def _part(name: str) -> np.ndarray:
-        _compute()
-        array = cache[name]
-        taken = cache.setdefault("_taken", set())
-        taken.add(name)
-        if taken >= ({"data", "scales"} | (set() if e.symmetric else {"zp"})):
-            cache.clear()
-        return array
-
-    def _compute() -> None:
-        if not cache:
-            w = source.numpy()
-            w = w.T if e.transposed else w  # [V, H]: each row's blocks along the hidden axis
-            codes, scales, zp = quantize_rows_blockwise(w, bits=e.bits, block_size=e.block_size, symmetric=e.symmetric)
-            if e.bits == 4:
-                codes, zp = pack_nibbles_along_rows(codes), None if zp is None else pack_nibbles_along_rows(zp, pad=8)
-            cache.update(data=codes, scales=scales, zp=zp)
-
+    parts = LazyParts(quantize, {"data", "scales"} if e.symmetric else {"data", "scales", "zp"})
     dtype = ir.DataType(e.compute_dtype)
     nb = -(-e.hidden // e.block_size)
     out = [b.lazy(f"{prefix}/data", ir.DataType.UINT8, (e.vocab, -(-e.hidden * e.bits // 8)),
-                  lambda: ir.Tensor(part("data")), prefetch=(prefetch, e.vocab * e.hidden)),
-           b.lazy(f"{prefix}/scales", dtype, (e.vocab, nb), lambda: ir.Tensor(part("scales").astype(_NUMPY[dtype])))]
+                  lambda: ir.Tensor(parts.get("data")), prefetch=(parts.prefetch, e.vocab * e.hidden)),
+           b.lazy(f"{prefix}/scales", dtype, (e.vocab, nb), lambda: ir.Tensor(parts.get("scales").astype(_NUMPY[dtype])))]
     if not e.symmetric:
         cols = -(-nb // 2) if e.bits == 4 else nb
-        out.append(b.lazy(f"{prefix}/zero_points", ir.DataType.UINT8, (e.vocab, cols), lambda: ir.Tensor(part("zp"))))
+        out.append(b.lazy(f"{prefix}/zero_points", ir.DataType.UINT8, (e.vocab, cols), lambda: ir.Tensor(parts.get("zp"))))
     return out
 

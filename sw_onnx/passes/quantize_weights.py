@@ -18,7 +18,6 @@ one layer at a time, so peak memory is about one float weight whatever the model
 from __future__ import annotations
 
 import logging
-import threading
 
 import ml_dtypes
 import numpy as np
@@ -28,7 +27,7 @@ from sw_onnx.config import PER_CHANNEL
 from sw_onnx.discover import LinearLayer
 from sw_onnx.kernels import quantize_blockwise, quantize_gptq, to_matmulnbits
 from sw_onnx.passes.opset import INT4_MIN_IR_VERSION, QDQ_MIN_OPSET
-from sw_onnx.passes._rewrite import GraphBuilder, codes_tensor, layers_by_name, remove_orphans, replace_output, side_path, tensor_bytes
+from sw_onnx.passes._rewrite import GraphBuilder, LazyParts, codes_tensor, layers_by_name, remove_orphans, replace_output, side_path, tensor_bytes
 from sw_onnx.plan import LayerPlan, QuantPlan, gemm_parameters, kernel_block_size
 
 __all__ = ["MS_DOMAIN", "QuantizeWeightsPass"]
@@ -78,37 +77,14 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(planned))
 
 
-class _LayerQuantizer:
-    """Quantizes one layer's weight when its first lazy tensor is saved; forgets it once all are taken.
-
-    Peak memory is then about one float weight (plus the kernel's temporaries) however large the model.
-    A part asked for again later (a second save) is simply recomputed.
-    """
+class _LayerQuantizer(LazyParts):
+    """Quantizes one layer's weight when its first lazy tensor is saved (or prefetched), its parts handed out
+    as `LazyParts`: peak memory is then about one float weight (plus the kernel's temporaries)."""
 
     def __init__(self, layer: LinearLayer, plan: LayerPlan, alpha: float):
         self.chain, self.plan, self.alpha = layer.weight, plan, alpha
-        self.part_names = {"B", "scales"} if plan.form == "nbits" else {"q", "scale"}
-        if not plan.symmetric:
-            self.part_names.add("zp")
-        self._parts: dict[str, np.ndarray | None] | None = None
-        self._taken: set[str] = set()
-        self._lock = threading.Lock()  # the saver computes several layers' parts on threads at once
-
-    def prefetch(self) -> None:
-        """Quantize now (if not yet done); the parts stay until all are taken."""
-        with self._lock:
-            if self._parts is None:
-                self._parts = self.quantize()
-
-    def get(self, part: str) -> np.ndarray:
-        with self._lock:
-            if self._parts is None:
-                self._parts = self.quantize()
-            array = self._parts[part]
-            self._taken.add(part)
-            if self._taken >= self.part_names:
-                self._parts, self._taken = None, set()
-            return array
+        names = {"B", "scales"} if plan.form == "nbits" else {"q", "scale"}
+        super().__init__(self.quantize, names if plan.symmetric else names | {"zp"})
 
     def quantize(self) -> dict[str, np.ndarray | None]:
         p = self.plan
