@@ -266,9 +266,11 @@ def _no_huge_pages():
 
 def _madvise_hugepage_switch():
     """numpy's ``_set_madvise_hugepage(enabled) -> previous`` (numpy 1.20+, private module), or None."""
+    import importlib
+
     for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
         try:
-            return getattr(__import__(module, fromlist=["_set_madvise_hugepage"]), "_set_madvise_hugepage")
+            return importlib.import_module(module)._set_madvise_hugepage
         except (ImportError, AttributeError):
             continue
     return None

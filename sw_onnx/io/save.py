@@ -173,9 +173,9 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
 
 @contextlib.contextmanager
 def _largest_computed_first(tensors: Sequence[ir.TensorProtocol]) -> Iterator[None]:
-    """Compute the largest `PREFETCH` work on a thread from the start: written in file order, an lm_head is the last job and otherwise runs
-    alone at the end of the save (SmolLM2: 0.6 s with one CPU busy). A failure is left to the writer, which
-    computes the tensor again and reports it."""
+    """Compute the largest `PREFETCH` work on a thread from the start: written in file order, an lm_head is
+    the last job and otherwise runs alone at the end of the save (SmolLM2: 0.6 s with one CPU busy). A failure
+    is left to the writer, which computes the tensor again and reports it."""
     import threading
 
     works = [t.meta[PREFETCH] for t in tensors if isinstance(t, ir.LazyTensor) and PREFETCH in t.meta]
