@@ -1,4 +1,5 @@
-"""Settings of the sw-onnx process itself, made once by the command line before any work starts."""
+"""Settings of the sw-onnx process itself: glibc's malloc, tuned only where sw-onnx owns the process (the
+command line calls `configure_command_line_process` first); the Python API leaves its host process as it is."""
 
 from __future__ import annotations
 
@@ -6,7 +7,30 @@ import ctypes
 import platform
 
 MALLOC_ARENAS = 2
-_M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+RETURNED_FROM_BYTES = 128 << 10  # glibc's own starting threshold
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+_owns_process = False
+
+
+def configure_command_line_process() -> None:
+    """Called by the command line before anything else: sw-onnx owns this process (`release_freed_memory`
+    may act) and its malloc arenas are capped (`cap_malloc_arenas`)."""
+    global _owns_process
+    _owns_process = True
+    cap_malloc_arenas()
+
+
+def _glibc():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist
+    except (OSError, AttributeError):  # pragma: no cover - a libc without them
+        return None
+    return libc
 
 
 def cap_malloc_arenas(limit: int = MALLOC_ARENAS) -> bool:
@@ -16,14 +40,29 @@ def cap_malloc_arenas(limit: int = MALLOC_ARENAS) -> bool:
     arrays used. The quantizer's save threads, onnxruntime's and the hashing thread each left one: on
     bench/large_model.py's 2.67 GB decoder the bare quantize held 187-226 MB of heap before verification
     instead of 100-104, and peaked at 1,066-1,142 MB instead of 1,009-1,036; SmolLM2 at 645-655 MB instead of
-    528-533 (3-4 alternating runs each); wall time the same within the runs' spread. It must run before threads start (glibc
-    fixes the limit when the ninth arena is asked for), so the command line calls it first; the Python API
-    leaves its host process as it is (``MALLOC_ARENA_MAX=2`` in the environment does the same there).
+    528-533 (3-4 alternating runs each); wall time the same within the runs' spread. It must run before threads
+    start (glibc fixes the limit when the ninth arena is asked for), hence `configure_command_line_process`;
+    ``MALLOC_ARENA_MAX=2`` in the environment does the same for any process.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_ARENA_MAX, int(limit)))
+
+
+def release_freed_memory() -> bool:
+    """From now on, buffers of 128 KiB or more go back to the system when freed; the heap's free pages go
+    now. Only in sw-onnx's own process (`configure_command_line_process`); True where it took effect.
+
+    glibc raises its mmap threshold to the largest block freed so far (32 MiB at most): after the quantizer's
+    arrays, onnxruntime's allocations while verification opens the quantized model (the fused copies of its
+    weights) came from the heap, whose freed pages stayed resident. The 2.67 GB decoder's bare quantize then
+    peaked at 1,009-1,040 MB, and at 832-839 MB with the threshold back at its start (2 alternating runs, 3 more
+    runs alike with other settings); SmolLM2 541-547 and 538-543 MB. Freed blocks now go back at once, and
+    glibc keeps the threshold where it is set (a mallopt turns its adjustment off), so this waits until the
+    quantizer's work is done.
+    """
+    libc = _glibc() if _owns_process else None
+    if libc is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # pragma: no cover - a libc without mallopt
-        return False
-    return bool(mallopt(_M_ARENA_MAX, int(limit)))
+    libc.malloc_trim(0)
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, RETURNED_FROM_BYTES)
+                and libc.mallopt(_M_TRIM_THRESHOLD, RETURNED_FROM_BYTES))

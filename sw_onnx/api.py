@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sw_onnx._process import release_freed_memory
 from sw_onnx._version import __version__
 from sw_onnx.config import QuantizeConfig
 from sw_onnx.coordinates import Coordinate, normalize_coordinates
@@ -225,6 +226,7 @@ def quantize_model(
             plan, summary = _write_quantized(run, tmp)
         if run.config.verify:
             gc.collect()  # the graph's node/value cycles hold the source weights; free them before sessions
+            release_freed_memory()  # verification's peak is the run's (sw_onnx._process)
             _verify(run, tmp, plan, summary)
         publish_model(tmp, run.out)
     summary.output_bytes = file_bytes(run.out) + file_bytes(data_path(run.out))

@@ -256,9 +256,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     """
     from typer import _click as click  # typer's own click
 
-    from sw_onnx._process import cap_malloc_arenas
+    from sw_onnx._process import configure_command_line_process
 
-    cap_malloc_arenas()  # before any thread starts: see its docstring
+    configure_command_line_process()  # before any thread starts
     debug = os.environ.get("SW_ONNX_DEBUG") == "1"
     try:
         rc = app(args=argv, prog_name="sw-onnx", standalone_mode=False)

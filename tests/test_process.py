@@ -1,4 +1,5 @@
-"""The command line's process settings: glibc's malloc arenas capped before any thread starts."""
+"""The command line's process settings: glibc's malloc arenas capped before any thread starts, freed memory
+returned before verification; the Python API leaves its host process alone."""
 
 from __future__ import annotations
 
@@ -45,3 +46,40 @@ def test_the_command_line_caps_arenas_before_its_work():
     from sw_onnx._process import MALLOC_ARENAS
 
     assert _arenas(setup) == MALLOC_ARENAS
+
+
+# 100 blocks of 2 MiB, each followed by a small one that stays, are written and freed: the RSS they leave.
+_FREED_BLOCKS_LEFT_RESIDENT = """
+import ctypes, sys
+from sw_onnx import _process
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_mb():
+    return int([l for l in open("/proc/self/status") if l.startswith("RssAnon")][0].split()[1]) // 1024
+libc.free(libc.malloc(16 << 20))  # glibc now serves blocks under 16 MiB from its heap
+{setup}
+before = rss_mb()
+blocks, pins = [], []
+for _ in range(100):
+    blocks.append(libc.malloc(2 << 20))
+    pins.append(libc.malloc(100 << 10))
+    ctypes.memset(blocks[-1], 1, 2 << 20)
+for b in blocks:
+    libc.free(b)
+print(rss_mb() - before)
+"""
+
+
+def _resident_after_free(setup: str) -> int:
+    done = subprocess.run([sys.executable, "-c", _FREED_BLOCKS_LEFT_RESIDENT.format(setup=setup)], capture_output=True,
+                          text=True, timeout=120, check=True)
+    return int(done.stdout)
+
+
+def test_freed_memory_goes_back_only_in_sw_onnxs_own_process():
+    """In a host process (the Python API) `release_freed_memory` does nothing and the freed blocks stay resident
+    in glibc's heap (the probe can fail); once the command line owns the process they go back at once."""
+    assert _resident_after_free("assert not _process.release_freed_memory()") >= 150
+    owned = "_process.configure_command_line_process()\nassert _process.release_freed_memory()"
+    assert _resident_after_free(owned) < 20
