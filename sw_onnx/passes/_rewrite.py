@@ -14,8 +14,8 @@ from sw_onnx.discover import LinearLayer, find_linear_layers
 from sw_onnx.io import PREFETCH
 from sw_onnx.kernels import pack_int4_low_first
 
-__all__ = ["GraphBuilder", "LazyParts", "codes_tensor", "layers_by_name", "remove_orphans", "replace_output", "rewire_output",
-           "side_path", "tensor_bytes"]
+__all__ = ["GraphBuilder", "LazyParts", "codes_tensor", "layers_by_name", "remove_orphans", "replace_output",
+           "rewire_output", "side_path", "tensor_bytes"]
 
 
 class GraphBuilder:

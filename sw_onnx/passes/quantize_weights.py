@@ -27,7 +27,8 @@ from sw_onnx.config import PER_CHANNEL
 from sw_onnx.discover import LinearLayer
 from sw_onnx.kernels import quantize_blockwise, quantize_gptq, to_matmulnbits
 from sw_onnx.passes.opset import INT4_MIN_IR_VERSION, QDQ_MIN_OPSET
-from sw_onnx.passes._rewrite import GraphBuilder, LazyParts, codes_tensor, layers_by_name, remove_orphans, replace_output, side_path, tensor_bytes
+from sw_onnx.passes._rewrite import (GraphBuilder, LazyParts, codes_tensor, layers_by_name, remove_orphans,
+                                     replace_output, side_path, tensor_bytes)
 from sw_onnx.plan import LayerPlan, QuantPlan, gemm_parameters, kernel_block_size
 
 __all__ = ["MS_DOMAIN", "QuantizeWeightsPass"]
@@ -65,8 +66,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         layers, planned = layers_by_name(model), self._layers()
         axes0: list[ir.Value] = []  # one shared [0] for every Unsqueeze/Squeeze
         shared: dict[tuple, tuple[list[ir.Value], set[int]]] = {}  # one quantized weight per initializer and If
-        # Every "a/b" that some initializer name continues with "/": the names a layer's prefix must not take.
-        prefixes = {name[:i] for name in model.graph.initializers for i, c in enumerate(name) if c == "/"}
+        # The names a layer's prefix must not take: those some initializer's name continues with "/".
+        prefixes = {prefix for name in model.graph.initializers for prefix in _slash_prefixes(name)}
         for p in planned:
             _rewrite_layer(model.graph, layers[p.node], p, axes0, shared, prefixes)
         if any(p.form == "nbits" for p in planned):
@@ -112,6 +113,11 @@ class _LayerQuantizer(LazyParts):
         return {"q": qw.q, "scale": qw.scale, "zp": qw.zero_point}
 
 
+def _slash_prefixes(name: str) -> list[str]:
+    """Every "a/b" that `name` continues with "/" ("a/b/c" -> "a", "a/b")."""
+    return [name[:i] for i, c in enumerate(name) if c == "/"]
+
+
 def _rewrite_layer(main_graph: ir.Graph, layer: LinearLayer, p: LayerPlan, axes0: list[ir.Value], shared: dict,
                    prefixes: set[str]) -> None:
     node = layer.node
@@ -119,7 +125,7 @@ def _rewrite_layer(main_graph: ir.Graph, layer: LinearLayer, p: LayerPlan, axes0
     prefix = f"{layer.name}/sw_onnx_q"
     if prefix in prefixes:  # two nodes share a name
         prefix = f"{layer.name}/sw_onnx_q{layer.position}"
-    prefixes.update(prefix[:i] for i, c in enumerate(prefix + "/") if c == "/")
+    prefixes.update(_slash_prefixes(prefix + "/"))  # its own tensors are named "<prefix>/..."
     alpha, beta, bias = gemm_parameters(node)
     lq = _LayerQuantizer(layer, p, alpha)
     b = GraphBuilder(graph, main_graph)
