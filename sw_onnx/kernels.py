@@ -1,4 +1,5 @@
-"""Blockwise int4/int8 weight quantization kernels in pure numpy, laid out for ONNX and ONNX Runtime.
+"""Blockwise int4/int8 weight quantization kernels in numpy, laid out for ONNX and ONNX Runtime (the default
+``clip="mse"`` search and refit also compiled, in `sw_onnx.kernels_jit`, with the same results).
 
 Layout: a MatMul weight is float32 ``w[K, N]`` and blocks run along K (axis 0), as in ONNX
 ``DequantizeLinear(axis=0, block_size=B)``, which ONNX Runtime fuses into ``com.microsoft::MatMulNBits``.
@@ -75,6 +76,11 @@ is one chunk). Alone on one thread 256 Ki was fastest (the work arrays stay in c
 threads fewer, larger numpy calls hold the GIL less often: the bare quantize from a report without verification,
 SmolLM2 6.50 -> 6.13 s and the 2.67 GB decoder 17.4 -> 16.5 s (medians of 4 and 2 alternating runs), for ~6% more
 CPU; the same bytes."""
+
+COMPILED = True
+"""Run the default search and refit (plain squared error, with or without input importance) as the compiled loops of
+`sw_onnx.kernels_jit`: the same codes and scales as numpy's, several times faster. False: numpy alone (the
+reference, used by the tests that compare the two)."""
 
 _PRUNE = True
 """Skip the blocks a candidate cannot improve (off only to test that skipping changes nothing)."""
@@ -237,7 +243,10 @@ def quantize_blockwise(
         # were zeroed in the blocks and are checked on their own.
         _check_finite(lo, hi, None if kept_out is None else w[rows, sl][kept_out])
         codes = None
-        if clip == "mse":
+        jit = _compiled_kernels() if clip == "mse" and weight_mode == "none" else None
+        if jit is not None:
+            s, zp, codes = _search_refit_compiled(jit, blocks, lo, hi, bits, symmetric, grid, imp, refit, q.dtype)
+        elif clip == "mse":
             s, zp = _search_mse(blocks, lo, hi, bits, symmetric, weight_mode, grid, imp)
             if refit:
                 s, codes = _refit_scales(blocks, s, zp, qmin, qmax, weight_mode, imp, refit)
@@ -847,7 +856,12 @@ def _search_mse(
         best_factor[sl] = idx
 
     _run_all("mse", run, chunks, _search_threads())
+    return _winner_scale_zero_point(lo, hi, bits, symmetric, factors, best_family, best_factor)
 
+
+def _winner_scale_zero_point(lo, hi, bits, symmetric, factors, best_family, best_factor):
+    """The scale and zero point [nblocks, 1, N] of each block's winning (family, factor) of the search (families
+    asymmetric then symmetric, or symmetric alone)."""
     f = factors[best_factor]
     scale, zp = _scale_zero_point(lo * f, hi * f, bits, symmetric)
     if symmetric:
@@ -858,10 +872,67 @@ def _search_mse(
     sym_scale, _ = _scale_zero_point(lo * f, hi * f, bits, True)
     half = np.float32(1 << (bits - 1))
     sym_zp = np.where(sym_scale < 0, half - 1, half).astype(np.float32)
-    is_sym = best_family == families.index("sym")
+    is_sym = best_family == 1  # the families were ("asym", "sym")
     scale = np.where(is_sym, np.abs(sym_scale), scale)
     zp = np.where(is_sym & (sym_scale != 0), sym_zp, zp)
     return scale, zp
+
+
+_JIT_MODULE = None
+
+
+def _compiled_kernels():
+    """`sw_onnx.kernels_jit` (imported on first use: numba costs 0.2 s), or None when `COMPILED` is off or the
+    module cannot be had (then numpy alone: the same results, four times slower)."""
+    global _JIT_MODULE
+    if not COMPILED:
+        return None
+    if _JIT_MODULE is None:
+        try:
+            from sw_onnx import kernels_jit
+        except (ImportError, RuntimeError):  # pragma: no cover
+            # numba is a dependency: a platform without its wheels, or (RuntimeError) no writable folder for
+            # its cache, beside the package or in the user's cache
+            kernels_jit = False
+        _JIT_MODULE = kernels_jit
+    return _JIT_MODULE or None
+
+
+def _read_only(x: np.ndarray) -> np.ndarray:
+    """`x`, or a read-only view of it: numba compiles (and caches) one version per writability, and a weight
+    mapped from its file is read-only, a padded copy not; one version is loaded instead of two."""
+    if x.flags.writeable:
+        x = x.view()
+        x.flags.writeable = False
+    return x
+
+
+def _search_refit_compiled(jit, blocks, lo, hi, bits, symmetric, grid, importance, refit, code_dtype):
+    """`_search_mse` then `_refit_scales` (or `_round_codes` without refit) for the plain squared error, by the
+    compiled loops of `sw_onnx.kernels_jit` on the whole part: scale, zero point [nblocks, 1, N] and codes
+    [nblocks, B, N] of `code_dtype`."""
+    nb, bs, n = blocks.shape
+    x = _read_only(np.ascontiguousarray(blocks, dtype=np.float32))
+    imp = np.ones((nb, bs), np.float32) if importance is None else np.ascontiguousarray(importance[:, :, 0])
+    factors = mse_factors(grid)
+    names = ("sym",) if symmetric else ("asym", "sym")
+    scale1, shift, code_min, code_max = zip(*(_family_scale(f, lo.reshape(-1), hi.reshape(-1), bits) for f in names))
+    inv = np.stack([_inverse(s1).reshape(nb, n) for s1 in scale1])
+    scale1 = np.stack([s1.reshape(nb, n) for s1 in scale1])
+    shift = np.stack([np.zeros((nb, n), np.float32) if sh is None else sh.reshape(nb, n) for sh in shift])
+    code_min, code_max = np.array(code_min, np.float32), np.array(code_max, np.float32)
+    best_family = np.zeros((nb, n), np.int8)
+    best_factor = np.zeros((nb, n), np.int16)
+    jit.search(x, scale1, inv, shift, code_min, code_max, factors, np.float32(1) / factors, imp, best_family,
+               best_factor)
+    s, zp = _winner_scale_zero_point(lo, hi, bits, symmetric, factors, best_family.reshape(nb, 1, n),
+                                     best_factor.reshape(nb, 1, n))
+    qmin, qmax = _code_range(bits, symmetric)
+    new_scale = np.empty((nb, n), np.float32)
+    codes = np.empty(blocks.shape, code_dtype)
+    zero = np.zeros((nb, n), np.float32) if zp is None else zp.reshape(nb, n)
+    jit.refit(x, s.reshape(nb, n), zero, imp, np.float32(qmin), np.float32(qmax), refit, new_scale, codes)
+    return new_scale.reshape(nb, 1, n), zp, codes
 
 
 def _family_scale(family: str, lo: np.ndarray, hi: np.ndarray, bits: int):
