@@ -297,5 +297,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
+def entry_point() -> None:
+    """The `sw-onnx` command: `main`, then the process ends without the interpreter's teardown
+    (`sw_onnx._process.exit_without_teardown`)."""
+    from sw_onnx._process import exit_without_teardown
+
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    exit_without_teardown(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry_point()
