@@ -5,8 +5,10 @@ The numpy kernels pass over a chunk once per operation and candidate, about a hu
 the GIL taken back between operations. Here a tile of `TILE` columns of one block row stays in cache through
 all the candidates and refit rounds, and no GIL is held, so a layer's parts run on every CPU. The arithmetic is
 the numpy kernels', operation for operation and in the same order (float32 sums over a block's rows in order,
-the refit's error in float64), so the codes and scales are the same bit for bit
-(tests/test_kernels_jit.py); `sw_onnx.kernels` stays the reference and the path of the other error weights.
+the refit's error in float64), so the codes and scales are the same bit for bit (tests/test_kernels_jit.py).
+Where numpy's own order depends on memory layout (a transposed view, as a Gemm's transB weight arrives; a
+one-column weight), these loops give its result for the contiguous [K, N] weight. `sw_onnx.kernels` stays the
+reference and the path of the other error weights.
 
 Compiled on first use and cached beside this file (numba's ``cache=True``), about 2 s once per install.
 """
@@ -18,11 +20,6 @@ import numpy as np
 
 TILE = 256
 """Columns of one block row per tile: 32 rows x 256 x 4 bytes = 32 KiB of weights, in L1/L2 across candidates."""
-
-_MAGIC = np.float32(12582912.0)
-"""1.5 * 2**23: ``(t + _MAGIC) - _MAGIC`` is ``rint(t)`` (half to even) in float32 for ``|t| < 2**22``, and
-vectorises where a call to rint does not. Beyond that it stays beyond the code range, so the clipped code is
-the same."""
 
 _JIT = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 
@@ -57,7 +54,7 @@ def search(x, scale1, inv, shift, cmin, cmax, factors, inv_factors, importance, 
                         x_r = x[r, b, j0:j0 + w]
                         for j in range(w):
                             t = x_r[j] * inv_r[j] * g + shift_r[j]
-                            c = (t + _MAGIC) - _MAGIC
+                            c = np.rint(t)
                             c = lo if c < lo else c
                             c = hi if c > hi else c
                             d = t - c
@@ -83,7 +80,7 @@ def _codes_and_sums(x, r, j0, w, scale, z, importance, qmin, qmax, q, num, den):
         for j in range(w):
             s = scale[j]
             c = x_r[j] / (s if s != 0 else np.float32(1))
-            c = (c + _MAGIC) - _MAGIC
+            c = np.rint(c)
             if s == 0:  # an underflowed scale: the zero point
                 c = np.float32(0)
             c += z[j]

@@ -112,3 +112,16 @@ def test_mapped_and_copied_weights_share_one_compiled_version():
         quantize_blockwise(weight, bits=4, block_size=32, clip="mse", weighting="none", keep_out=keep, refit=2)
     for kernel in (kernels_jit.search, kernels_jit.refit):
         assert kernel.signatures and not any(signature[0].mutable for signature in kernel.signatures)
+
+
+def test_a_transposed_view_quantizes_as_its_contiguous_copy():
+    """A Gemm's transB weight arrives as a transposed view. numpy's sums over such a view run in another order
+    (last-bit differences in the refit's scales), the compiled kernels' do not: the result is numpy's on the
+    contiguous copy."""
+    rng = np.random.default_rng(4)
+    view = np.ascontiguousarray(_awkward_weight(256, 160, seed=4).T).T
+    kwargs = dict(bits=4, block_size=32, clip="mse", weighting="none", importance=rng.random(256), refit=2)
+    from_view = quantize_blockwise(view, **kwargs)
+    compiled, reference = _both(np.ascontiguousarray(view), **kwargs)
+    _assert_same(from_view, compiled)
+    _assert_same(compiled, reference)
