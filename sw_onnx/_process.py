@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import sys
 from typing import NoReturn
 
 MALLOC_ARENAS = 2
@@ -70,6 +71,27 @@ def release_freed_memory() -> bool:
                 and libc.mallopt(_M_TRIM_THRESHOLD, RETURNED_FROM_BYTES))
 
 
+def skip_numba_blas_probe() -> bool:
+    """In sw-onnx's own process, load numba's numpy support with scipy's BLAS reported absent; True where it
+    took effect.
+
+    When numba first compiles or loads code, `numba.np.arraymath` imports `scipy.linalg` to see whether its
+    numpy functions can call BLAS: 0.2-0.3 s, a third of numba's start in sw-onnx's command (where scipy is
+    installed). `sw_onnx.kernels_jit` calls no BLAS. The import is answered "absent" for that moment only (numba
+    then keeps its own loops for the few functions that would use BLAS) and works again after. Elsewhere (the
+    Python API in a host process, which may use numba itself) nothing changes.
+    """
+    blas = "scipy.linalg.cython_blas"
+    if not _owns_process or "numba.np.arraymath" in sys.modules or blas in sys.modules:
+        return False
+    sys.modules[blas] = None  # importing it now raises ImportError at once
+    try:
+        import numba.np.arraymath  # noqa: F401 - the probe runs at its import
+    finally:
+        del sys.modules[blas]
+    return True
+
+
 def exit_without_teardown(code: int | str | None) -> NoReturn:
     """End the command-line process as `sys.exit(code)` would, less the interpreter's teardown.
 
@@ -82,7 +104,6 @@ def exit_without_teardown(code: int | str | None) -> NoReturn:
     """
     import atexit
     import os
-    import sys
     import threading
 
     shutdown = getattr(threading, "_shutdown", None)

@@ -25,6 +25,7 @@ quantizer (``quantize_matmul_4bits``/``quantize_matmul_8bits``, used by ``MatMul
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -879,22 +880,27 @@ def _winner_scale_zero_point(lo, hi, bits, symmetric, factors, best_family, best
 
 
 _JIT_MODULE = None
+_JIT_LOCK = threading.Lock()  # a layer's parts ask for the kernels at once
 
 
 def _compiled_kernels():
-    """`sw_onnx.kernels_jit` (imported on first use: numba costs 0.2 s), or None when `COMPILED` is off or the
-    module cannot be had (then numpy alone: the same results, four times slower)."""
+    """`sw_onnx.kernels_jit` (imported on first use: numba's start costs 0.2-0.5 s), or None when `COMPILED` is off
+    or the module cannot be had (then numpy alone: the same results, four times slower)."""
     global _JIT_MODULE
     if not COMPILED:
         return None
-    if _JIT_MODULE is None:
-        try:
-            from sw_onnx import kernels_jit
-        except (ImportError, RuntimeError):  # pragma: no cover
-            # numba is a dependency: a platform without its wheels, or (RuntimeError) no writable folder for
-            # its cache, beside the package or in the user's cache
-            kernels_jit = False
-        _JIT_MODULE = kernels_jit
+    with _JIT_LOCK:
+        if _JIT_MODULE is None:
+            try:
+                from sw_onnx._process import skip_numba_blas_probe
+
+                skip_numba_blas_probe()
+                from sw_onnx import kernels_jit
+            except (ImportError, RuntimeError):  # pragma: no cover
+                # numba is a dependency: a platform without its wheels, or (RuntimeError) no writable folder for
+                # its cache, beside the package or in the user's cache
+                kernels_jit = False
+            _JIT_MODULE = kernels_jit
     return _JIT_MODULE or None
 
 

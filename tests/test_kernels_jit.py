@@ -3,6 +3,9 @@ scales and zero points, bit for bit, on weights chosen to reach every branch."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -125,3 +128,28 @@ def test_a_transposed_view_quantizes_as_its_contiguous_copy():
     compiled, reference = _both(np.ascontiguousarray(view), **kwargs)
     _assert_same(from_view, compiled)
     _assert_same(compiled, reference)
+
+
+_NUMBA_START = """
+import sys
+from sw_onnx import _process
+{setup}
+import numpy as np
+from sw_onnx.kernels import quantize_blockwise
+quantize_blockwise(np.ones((64, 4), np.float32), clip="mse", weighting="none", block_size=32)
+import numba.np.arraymath
+print(numba.np.arraymath._HAVE_BLAS, "scipy.linalg" in sys.modules)
+import scipy.linalg.cython_blas  # importable again
+"""
+
+
+@pytest.mark.parametrize(("setup", "expected"), [("", "True True"),
+                                                 ("_process.configure_command_line_process()", "False False")])
+def test_the_command_line_skips_numbas_blas_probe(setup, expected):
+    """numba's numpy support imports scipy.linalg when it loads, to find BLAS (0.2-0.3 s); the kernels use none. In
+    sw-onnx's own process it is not imported; in a host process numba is left as it is."""
+    pytest.importorskip("scipy.linalg")  # the probe costs something only where scipy is installed
+    done = subprocess.run([sys.executable, "-c", _NUMBA_START.format(setup=setup)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == expected.split()
