@@ -896,7 +896,7 @@ def _compiled_kernels():
 
                 skip_numba_blas_probe()
                 from sw_onnx import kernels_jit
-            except (ImportError, RuntimeError):  # pragma: no cover
+            except (ImportError, RuntimeError):
                 # numba is a dependency: a platform without its wheels, or (RuntimeError) no writable folder for
                 # its cache, beside the package or in the user's cache
                 kernels_jit = False

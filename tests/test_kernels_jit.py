@@ -153,3 +153,17 @@ def test_the_command_line_skips_numbas_blas_probe(setup, expected):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == expected.split()
+
+
+def test_without_numba_the_numpy_search_runs_with_the_same_result():
+    code = ("import sys\nsys.modules['numba'] = None  # as if not installed\nimport numpy as np\nfrom sw_onnx import kernels\n"
+            "w = np.sin(np.arange(64 * 48, dtype=np.float32)).reshape(64, 48)\n"
+            "qw = kernels.quantize_blockwise(w, block_size=32, clip='mse', weighting='none', refit=2)\n"
+            "print(kernels._compiled_kernels() is None, qw.q.tobytes().hex(), qw.scale.tobytes().hex())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    fallback, codes, scales = done.stdout.split()
+    w = np.sin(np.arange(64 * 48, dtype=np.float32)).reshape(64, 48)
+    compiled = quantize_blockwise(w, block_size=32, clip="mse", weighting="none", refit=2)
+    assert fallback == "True"
+    assert (codes, scales) == (compiled.q.tobytes().hex(), compiled.scale.tobytes().hex())
