@@ -98,8 +98,8 @@ def exit_without_teardown(code: int | str | None) -> NoReturn:
     What a finished process needs still happens, in `Py_FinalizeEx`'s order: threads that are not daemons are
     joined (idle thread pools shut down), the exit handlers run, the standard streams are flushed. What is
     skipped is freeing every object and running the libraries' static destructors (onnxruntime's, LLVM's under
-    numba): 0.3 s after SmolLM2's bare quantize (0.17 s of it without numba) for memory the system takes back at
-    once (clang skips freeing its trees at exit for the same reason). Only for the `sw-onnx` command itself
+    numba): 0.3 s after SmolLM2's bare quantize (0.17 s when numba is not loaded) for memory the system takes
+    back at once (clang skips freeing its trees at exit for the same reason). Only for the `sw-onnx` command itself
     (`sw_onnx.cli.entry_point`): `cli.main` called as a function returns through `SystemExit` as before.
     """
     import atexit

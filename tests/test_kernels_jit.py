@@ -156,7 +156,8 @@ def test_the_command_line_skips_numbas_blas_probe(setup, expected):
 
 
 def test_without_numba_the_numpy_search_runs_with_the_same_result():
-    code = ("import sys\nsys.modules['numba'] = None  # as if not installed\nimport numpy as np\nfrom sw_onnx import kernels\n"
+    code = ("import sys\nsys.modules['numba'] = None  # as if not installed\n"
+            "import numpy as np\nfrom sw_onnx import kernels\n"
             "w = np.sin(np.arange(64 * 48, dtype=np.float32)).reshape(64, 48)\n"
             "qw = kernels.quantize_blockwise(w, block_size=32, clip='mse', weighting='none', refit=2)\n"
             "print(kernels._compiled_kernels() is None, qw.q.tobytes().hex(), qw.scale.tobytes().hex())")
