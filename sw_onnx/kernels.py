@@ -6,8 +6,9 @@ Layout: a MatMul weight is float32 ``w[K, N]`` and blocks run along K (axis 0), 
 K need not be a multiple of B: the last block is shorter and the scale has ``ceil(K / B)`` rows.
 Every kernel is vectorised over all blocks: the weight is viewed as ``[nblocks, B, N]`` with the ragged
 tail zero-filled (zero never moves a range that always includes 0, and it is masked out of statistics).
-The ``clip="mse"`` search runs on chunks of `_SEARCH_CHUNK` elements on `SEARCH_THREADS` threads and skips, per
-block, the candidates a lower bound already rules out; the result does not depend on either.
+The numpy ``clip="mse"`` search runs on chunks of `_SEARCH_CHUNK` elements on `SEARCH_THREADS` threads and skips,
+per block, the candidates a lower bound already rules out; the result does not depend on either. (The compiled
+search of the default error weight works on a layer's parts as they come, on tiles of its own.)
 
 Formats (``q`` codes, ``scale`` float32, ``zero_point`` uint8), matching ONNX Runtime's own RTN
 quantizer (``quantize_matmul_4bits``/``quantize_matmul_8bits``, used by ``MatMulNBitsQuantizer``):
@@ -61,7 +62,7 @@ factor below 0.85 on SmolLM2-135M at blocks of 32, 128 or 1024 (both range famil
 0.8: same choices, less than half the work."""
 
 SEARCH_THREADS: int | None = 1
-"""Threads of the ``clip="mse"`` search (None: the CPUs this process may use, at most 8). Default 1: on the
+"""Threads of the numpy ``clip="mse"`` search (None: the CPUs this process may use, at most 8). Default 1: on the
 2-core machine of the measurements two threads were slower (SmolLM2-135M, b32: 2.8 s vs 1.9 s, CPU time up
 40%): the numpy loops here are memory-bound and short, and the threads mostly contend."""
 
@@ -72,7 +73,7 @@ than with 16 MiB parts, in the same time)."""
 _TRANSPOSE_TILE = 1 << 16
 """Elements per tile of `unsigned_codes`'s transpose (64 KiB of codes: source and target rows stay in cache)."""
 _SEARCH_CHUNK = 1 << 20
-"""Elements per chunk of the ``clip="mse"`` search and refit (4 MiB per float32 work array; a part of `_PART_SIZE`
+"""Elements per chunk of the numpy ``clip="mse"`` search and refit (4 MiB per float32 work array; a part of `_PART_SIZE`
 is one chunk). Alone on one thread 256 Ki was fastest (the work arrays stay in cache), but with the save's
 threads fewer, larger numpy calls hold the GIL less often: the bare quantize from a report without verification,
 SmolLM2 6.50 -> 6.13 s and the 2.67 GB decoder 17.4 -> 16.5 s (medians of 4 and 2 alternating runs), for ~6% more
